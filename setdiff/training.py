@@ -74,19 +74,34 @@ def train_step(
 ):
     """One optimiser step on ``batch`` = ``{"x", "mask"[, "labels", "context"]}``.
 
-    Under ``pmap(..., axis_name=axis_name)`` each device holds a shard of the batch: the loss is
-    normalised by the global count of real dimensions and gradients are summed across devices, so the
-    update does not depend on how the batch was split. ``rng`` should differ per device.
+    Under ``pmap(..., axis_name=axis_name)`` each device holds a consecutive shard of the batch and
+    the same ``rng``: every set draws its noise from its global index, the loss is normalised by the
+    global count of real dimensions and gradients are summed across devices, so the update equals
+    that of the whole batch on one device, whatever the split.
 
     Returns:
       ``(new_state, metrics)`` with the loss and its terms in bits per dimension and the gradient norm.
     """
+    n_local = batch["x"].shape[0]
     n_dims = jnp.sum(batch["mask"]) * batch["x"].shape[-1]
-    n_dims_total = jax.lax.psum(n_dims, axis_name) if axis_name else n_dims
+    set_ids = jnp.arange(n_local)
+    if axis_name:
+        n_dims = jax.lax.psum(n_dims, axis_name)
+        set_ids = set_ids + jax.lax.axis_index(axis_name) * n_local
+    n_sets = jax.lax.psum(n_local, axis_name) if axis_name else n_local
 
     def loss_fn(params):
         return vdm_loss(
-            model, params, rng, batch["x"], batch["mask"], batch.get("labels"), batch.get("context"), n_dims_total
+            model,
+            params,
+            rng,
+            batch["x"],
+            batch["mask"],
+            batch.get("labels"),
+            batch.get("context"),
+            n_dims_total=n_dims,
+            set_ids=set_ids,
+            n_sets=n_sets,
         )
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -94,8 +109,11 @@ def train_step(
         loss, terms, grads = jax.lax.psum((loss, terms, grads), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
-    metrics = {"loss_bpd": loss, **terms, "grad_norm": optax.global_norm(grads)}
+    # EMA with warmup: the decay grows as (1 + n) / (10 + n) up to ema_decay, so early parameters
+    # are forgotten quickly and short runs still get a useful average.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+    metrics = {"loss_bpd": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
 
 

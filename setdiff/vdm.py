@@ -16,7 +16,7 @@ terms (VDM eq. 11), each summed over the set's real elements only:
 With latent diffusion an element-wise encoder maps ``x`` to the diffused latent and a decoder maps
 ``z_0 / alpha_0`` back, with a learned per-feature scale. Padded elements contribute nothing to any
 term, and the score network never lets them touch a real element. Times are drawn with VDM's
-antithetic ("low-discrepancy") sampler, ``t_b = (u + b / B) mod 1`` over the batch.
+antithetic ("low-discrepancy") sampler, ``t_b = (u + b / B) mod 1`` over the batch (VDM appendix I.1).
 """
 
 from __future__ import annotations
@@ -44,12 +44,6 @@ class ELBOTerms(NamedTuple):
     @property
     def total(self):
         return self.diffusion + self.prior + self.reconstruction
-
-
-def antithetic_times(rng, batch: int):
-    """``t_b = (u + b / batch) mod 1`` with one uniform ``u``: VDM's low-variance time sampler."""
-    u = jax.random.uniform(rng, ())
-    return jnp.mod(u + jnp.arange(batch) / batch, 1.0)
 
 
 def _masked_sum(values, mask):
@@ -111,29 +105,38 @@ class VDM(nn.Module):
             return z_0_scaled, self.gamma(jnp.zeros(()))
         return self.decoder(z_0_scaled), self.decoder_log_var
 
-    def __call__(self, x, mask, labels=None, context=None, t=None, train: bool = False):
+    def __call__(self, x, mask, labels=None, context=None, t=None, set_ids=None, n_sets=None, train: bool = False):
         """Per-set negative-ELBO terms (nats) for a batch of sets.
 
-        Uses the ``"diffusion"`` rng stream for times and noise and, when ``train`` and
-        ``cond_drop_prob > 0``, the ``"cond_drop"`` stream for classifier-free-guidance dropout.
-        ``t`` may be given (``[batch]``) to evaluate at chosen times instead of antithetic ones.
+        Randomness comes from the ``"diffusion"`` rng stream (times and noise) and, when ``train`` and
+        ``cond_drop_prob > 0``, the ``"cond_drop"`` stream (classifier-free-guidance dropout). Each
+        set's noise and dropout are drawn from the stream folded with the set's index ``set_ids[b]``
+        in a global batch of ``n_sets`` sets (default: this batch), and its antithetic time is
+        ``(u + set_ids[b] / n_sets) mod 1``: a batch split across devices then draws exactly what
+        the whole batch would. ``t`` (``[batch]``) evaluates at chosen times instead.
         """
-        batch, _, data_dim = x.shape
+        batch, n_max, data_dim = x.shape
         mask = mask.astype(bool)
         x = x * mask[..., None]
+        if set_ids is None:
+            set_ids = jnp.arange(batch)
+        n_sets = batch if n_sets is None else n_sets
         time_rng, noise_rng = jax.random.split(self.make_rng("diffusion"))
         if t is None:
-            t = antithetic_times(time_rng, batch)
+            t = jnp.mod(jax.random.uniform(time_rng, ()) + set_ids / n_sets, 1.0)
         if self.timesteps:
             t = jnp.ceil(t * self.timesteps) / self.timesteps
             t = jnp.maximum(t, 1.0 / self.timesteps)
 
         cond_keep = None
         if train and self.cond_drop_prob > 0:
-            cond_keep = jax.random.uniform(self.make_rng("cond_drop"), (batch,)) >= self.cond_drop_prob
+            drop_rng = self.make_rng("cond_drop")
+            u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(drop_rng, i), ()))(set_ids)
+            cond_keep = u >= self.cond_drop_prob
 
         x_diffused = self.encode(x) * mask[..., None]
-        eps = jax.random.normal(noise_rng, x_diffused.shape) * mask[..., None]
+        draw_noise = lambda i: jax.random.normal(jax.random.fold_in(noise_rng, i), (n_max, self.diffused_dim))  # noqa: E731
+        eps = jax.vmap(draw_noise)(set_ids) * mask[..., None]
 
         if self.timesteps:
             gamma_t = self.gamma(t)
@@ -166,19 +169,28 @@ class VDM(nn.Module):
         return ELBOTerms(diffusion, prior, reconstruction, n_dims)
 
 
-def vdm_loss(model: VDM, params, rng, x, mask, labels=None, context=None, n_dims_total=None):
+def vdm_loss(model: VDM, params, rng, x, mask, labels=None, context=None, *, n_dims_total=None, set_ids=None, n_sets=None):
     """Training loss: the batch's negative ELBO in bits per real dimension.
 
     All sets' terms are summed and divided by the number of real dimensions in the batch, so every
-    real element weighs the same whatever the padding. ``n_dims_total`` replaces that count (a
-    data-parallel step passes the global count so that per-device losses add up to the global one).
+    real element weighs the same whatever the padding. A data-parallel step passes the global count
+    ``n_dims_total`` (so per-device losses add up to the global one) and each set's global index
+    ``set_ids`` in a global batch of ``n_sets`` (see ``VDM.__call__``).
 
     Returns:
       ``(loss, aux)`` where ``aux`` holds each term in bits per dimension.
     """
     diffusion_rng, drop_rng = jax.random.split(rng)
     terms = model.apply(
-        params, x, mask, labels, context, train=True, rngs={"diffusion": diffusion_rng, "cond_drop": drop_rng}
+        params,
+        x,
+        mask,
+        labels,
+        context,
+        set_ids=set_ids,
+        n_sets=n_sets,
+        train=True,
+        rngs={"diffusion": diffusion_rng, "cond_drop": drop_rng},
     )
     if n_dims_total is None:
         n_dims_total = jnp.sum(terms.n_dims)

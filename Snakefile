@@ -1,0 +1,21 @@
+# The pipeline's workflow: `snakemake --cores N` runs every experiment in workflow/config.yaml.
+# Rules only wire stages together (files in, files out); every stage is `python -m pipeline.<stage>`.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "workflow/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/toy.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand("results/{experiment}/toy/metrics.json", experiment=EXPERIMENTS),

@@ -1,0 +1,30 @@
+"""Builds the ``setdiff`` model a config describes: the one place config turns into a network."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from setdiff import VDM, ScoreNet, make_schedule
+
+from .config import ModelConfig
+
+
+def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
+    """The transformer-guided VDM for sets of ``data_dim`` features and ``n_classes`` classes."""
+    score_net = ScoreNet(
+        d_model=model.d_model,
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+        mlp_ratio=model.mlp_ratio,
+        n_classes=n_classes,
+        n_inducing=model.n_inducing,
+        dtype=jnp.bfloat16 if model.bfloat16 else jnp.float32,
+    )
+    return VDM(
+        score_net,
+        make_schedule(model.schedule.value, model.gamma_min, model.gamma_max),
+        data_dim=data_dim,
+        timesteps=model.timesteps,
+        cond_drop_prob=model.cond_drop_prob,
+        latent_dim=model.latent_dim,
+    )

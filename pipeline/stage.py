@@ -1,0 +1,64 @@
+"""What every stage does around its own work: output folder, saved config, MLflow run, user errors.
+
+A stage module looks like::
+
+    @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+    def main(cfg):
+        with stage("toy", cfg) as output_dir:
+            ...  # write into output_dir, log to the active MLflow run
+
+Its outputs land in ``results/<experiment>/<stage>/`` (Hydra's run dir; a sweep gets one folder per
+job), next to ``config.yaml``, the fully resolved config that produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .tracking import stage_run
+
+
+class PipelineError(Exception):
+    """A problem the user can fix. Its message says what is wrong and what to do next."""
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file next to ``path`` and move it into place only if the block succeeds,
+    so a failed or interrupted stage never leaves a half-written file that looks whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, mode) as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+@contextmanager
+def stage(name: str, cfg: DictConfig):
+    """Run one execution of stage ``name``: yields its output folder, inside an MLflow run.
+
+    The resolved config is written to ``<output>/config.yaml`` first. A ``PipelineError`` is
+    reported as one line on stderr and exit status 2 (the MLflow run is marked FAILED).
+    """
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(output_dir / "config.yaml") as file:
+        file.write(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        with stage_run(cfg.name, name, cfg):
+            yield output_dir
+    except PipelineError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,180 @@
+"""Properties of the setdiff library: symmetry, padding, schedules, the bound, and learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from setdiff import VDM, ScoreNet, make_schedule, nelbo, sample, vdm_loss
+from setdiff.schedules import SCHEDULES
+from setdiff.training import create_train_state, fit, init_params, make_optimizer, train_step
+
+N_MAX, DIM = 7, 3
+
+
+def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3):
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=n_classes, n_inducing=n_inducing)
+    return VDM(net, make_schedule(schedule), data_dim=DIM, timesteps=timesteps, latent_dim=latent_dim)
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    sizes = np.array([7, 5, 1, 3])
+    mask = np.arange(N_MAX)[None, :] < sizes[:, None]
+    x = rng.normal(size=(4, N_MAX, DIM)).astype(np.float32) * mask[..., None]
+    return {
+        "x": jnp.asarray(x),
+        "mask": jnp.asarray(mask),
+        "labels": jnp.asarray([0, 1, 2, 1], jnp.int32),
+        "context": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+    }
+
+
+def perturbed(params, scale=0.1, seed=0):
+    """Parameters pushed away from their initial values, so zero-initialised layers matter."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def eps_hat(model, params, batch, x=None, labels=None, context=None):
+    t = jnp.linspace(0.1, 0.9, batch["x"].shape[0])
+    z = model.apply(params, batch["x"] if x is None else x, method=VDM.encode)  # the diffused variable
+    return model.apply(
+        params,
+        z,
+        t,
+        batch["mask"],
+        batch["labels"] if labels is None else labels,
+        batch["context"] if context is None else context,
+        method=VDM.eps_hat,
+    )
+
+
+@pytest.mark.parametrize("n_inducing", [0, 4])
+def test_score_network_is_permutation_equivariant(batch, n_inducing):
+    model = small_model(n_inducing=n_inducing)
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    permutation = np.random.default_rng(1).permutation(N_MAX)
+    permuted = {**batch, "x": batch["x"][:, permutation], "mask": batch["mask"][:, permutation]}
+    out = eps_hat(model, params, batch)
+    out_of_permuted = eps_hat(model, params, permuted)
+    assert float(jnp.abs(out).max()) > 1e-3, "outputs are trivially zero; the test would prove nothing"
+    np.testing.assert_allclose(out_of_permuted, out[:, permutation], atol=1e-5)
+
+
+@pytest.mark.parametrize("n_inducing", [0, 4])
+@pytest.mark.parametrize("latent_dim", [0, 4])
+def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim):
+    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim)
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    mask = batch["mask"]
+    junk = jax.random.normal(jax.random.key(7), batch["x"].shape) * 100.0
+    x_junk_padding = jnp.where(mask[..., None], batch["x"], junk)
+    # A fully padded extra set with arbitrary conditioning must not change anything either.
+    padded_set = {
+        "x": jnp.concatenate([batch["x"], junk[:1]]),
+        "mask": jnp.concatenate([mask, jnp.zeros((1, N_MAX), bool)]),
+        "labels": jnp.concatenate([batch["labels"], jnp.asarray([2], jnp.int32)]),
+        "context": jnp.concatenate([batch["context"], jnp.asarray([[50.0, -50.0]])]),
+    }
+    other_conditioning = {**padded_set, "labels": padded_set["labels"].at[-1].set(0), "context": padded_set["context"].at[-1].set(-3.0)}
+
+    out = eps_hat(model, params, batch)
+    out_junk = eps_hat(model, params, batch, x=x_junk_padding)
+    np.testing.assert_allclose(out_junk, out, atol=1e-5)
+    assert float(jnp.abs(out[~mask]).max()) == 0.0
+
+    def loss(b):
+        return vdm_loss(model, params, jax.random.key(3), b["x"], b["mask"], b["labels"], b["context"])[0]
+
+    reference = loss(batch)
+    np.testing.assert_allclose(loss({**batch, "x": x_junk_padding}), reference, rtol=1e-5)
+    np.testing.assert_allclose(loss(padded_set), loss(other_conditioning), rtol=1e-6)
+    # The padded set changes antithetic times of the others, so compare at fixed times instead.
+    t = jnp.linspace(0.05, 0.95, 5)
+    terms = model.apply(params, padded_set["x"], padded_set["mask"], padded_set["labels"], padded_set["context"],
+                        t=t, rngs={"diffusion": jax.random.key(4)})
+    terms_other = model.apply(params, other_conditioning["x"], other_conditioning["mask"], other_conditioning["labels"],
+                              other_conditioning["context"], t=t, rngs={"diffusion": jax.random.key(4)})
+    np.testing.assert_allclose(terms.total[:4], terms_other.total[:4], rtol=1e-6)
+    assert float(terms.total[4]) == 0.0 and int(terms.n_dims[4]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_are_monotone_with_the_requested_endpoints(name):
+    schedule = make_schedule(name)
+    t = jnp.linspace(0.0, 1.0, 1001)
+    variables = schedule.init(jax.random.key(0), t)
+    for params in (variables, perturbed(variables, scale=1.0, seed=3)):
+        gamma = schedule.apply(params, t)
+        assert bool(jnp.all(jnp.diff(gamma) > 0)), f"{name} is not strictly increasing"
+    gamma = schedule.apply(variables, t)
+    np.testing.assert_allclose([gamma[0], gamma[-1]], [-13.3, 5.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("timesteps", [0, 50])
+@pytest.mark.parametrize("latent_dim", [0, 4])
+def test_loss_and_gradients_are_finite(batch, schedule, timesteps, latent_dim):
+    model = small_model(schedule, timesteps=timesteps, latent_dim=latent_dim)
+    params = init_params(model, jax.random.key(0), batch)
+    (loss, terms), grads = jax.value_and_grad(
+        lambda p: vdm_loss(model, p, jax.random.key(1), batch["x"], batch["mask"], batch["labels"], batch["context"]),
+        has_aux=True,
+    )(params)
+    assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in terms.values())
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_discrete_time_loss_approaches_continuous_time_loss(batch):
+    continuous = small_model("learned_monotonic")
+    params = perturbed(init_params(continuous, jax.random.key(0), batch))
+    t = jnp.asarray([0.13, 0.37, 0.61, 0.89])
+
+    def diffusion_term(timesteps):
+        model = small_model("learned_monotonic", timesteps=timesteps)
+        terms = model.apply(params, batch["x"], batch["mask"], batch["labels"], batch["context"], t=t,
+                            rngs={"diffusion": jax.random.key(5)})
+        return np.asarray(terms.diffusion)
+
+    reference = diffusion_term(0)
+    gaps = [np.abs(diffusion_term(T) - reference).max() / np.abs(reference).max() for T in (10, 100, 1000, 10000)]
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 1e-2, gaps
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_data_parallel_step_matches_single_device(n_shards):
+    """A batch split over shards with collectives gives the update of the whole batch on one device."""
+    rng = np.random.default_rng(0)
+    mask = np.arange(N_MAX)[None, :] < rng.integers(1, N_MAX + 1, size=8)[:, None]
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(8, N_MAX, DIM)) * mask[..., None], jnp.float32),
+        "mask": jnp.asarray(mask),
+        "labels": jnp.asarray(rng.integers(0, 3, size=8), jnp.int32),
+    }
+    model = VDM(ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3), make_schedule("learned_linear"),
+                data_dim=DIM, cond_drop_prob=0.5)
+    optimizer = make_optimizer(1e-2, total_steps=10)
+    state = create_train_state(model, jax.random.key(0), batch, optimizer)
+    step_rng = jax.random.key(1)
+    whole, whole_metrics = train_step(state, batch, step_rng, model=model, optimizer=optimizer)
+
+    # vmap with an axis name runs the same collectives as pmap (pmap itself is tested with several
+    # devices by the training stage's tests).
+    shards = jax.tree.map(lambda a: a.reshape((n_shards, -1) + a.shape[1:]), batch)
+    sharded_step = jax.vmap(
+        lambda s, b: train_step(s, b, step_rng, model=model, optimizer=optimizer, axis_name="devices"),
+        in_axes=(None, 0), axis_name="devices",
+    )
+    split, split_metrics = sharded_step(state, shards)
+    np.testing.assert_allclose(split_metrics["loss_bpd"], whole_metrics["loss_bpd"], rtol=1e-5)
+    moved = jax.tree.map(lambda new, old: float(jnp.abs(new - old).max()), whole.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    for split_leaf, whole_leaf in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
+        for shard in range(n_shards):
+            np.testing.assert_allclose(split_leaf[shard], whole_leaf, atol=2e-5)

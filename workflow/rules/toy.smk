@@ -1,0 +1,13 @@
+rule toy:
+    """Train the experiment's model on toy square rings and score it: an end-to-end check."""
+    output:
+        metrics="results/{experiment}/toy/metrics.json",
+        plot="results/{experiment}/toy/samples.png",
+    params:
+        hydra=hydra_args,
+    log:
+        "results/{experiment}/logs/toy.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m pipeline.toy {params.hydra} > {log} 2>&1"
