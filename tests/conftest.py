@@ -1,0 +1,36 @@
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tmp_path, monkeypatch):
+    """Every test logs to its own sqlite store, never to the project's mlflow.db."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("PIPELINE_EXECUTION_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def run_stage(module: str, *overrides: str, cwd=PROJECT_ROOT, env=None) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline.<module> overrides...`` as a user would; capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", f"pipeline.{module}", *overrides],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+    )
+
+
+# A model and run small enough that a stage finishes in seconds on a CPU.
+TINY = [
+    "model.d_model=16", "model.n_layers=1", "model.n_heads=2",
+    "train.steps=30", "train.batch_size=8", "train.warmup_steps=5", "train.log_every=10",
+    "sample.steps=4",
+]
