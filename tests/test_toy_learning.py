@@ -44,16 +44,28 @@ def test_samples_land_inside_the_square(square_model, sampler, steps):
     assert inside >= 0.90, f"{sampler} with {steps} steps: only {inside:.1%} of points inside the square"
 
 
-@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20)])
-def test_class_conditional_samples_land_in_their_own_ring(ring_model, sampler, steps):
-    model, params = ring_model
+def own_ring_fraction(model, params, sampler, steps, guidance_scale=0.0):
     test = square_ring_sets(np.random.default_rng(1), 300)
-    points = np.asarray(sample(model, params, jax.random.key(1), test["mask"], test["labels"], steps=steps, sampler=sampler))
+    points = np.asarray(sample(model, params, jax.random.key(1), test["mask"], test["labels"], steps=steps,
+                               sampler=sampler, guidance_scale=guidance_scale))
     ring = ring_index(points)[test["mask"]]
     wanted = np.broadcast_to(test["labels"][:, None], test["mask"].shape)[test["mask"]]
-    own = np.mean(ring == wanted)
+    return np.mean(ring == wanted)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20)])
+def test_class_conditional_samples_land_in_their_own_ring(ring_model, sampler, steps):
+    own = own_ring_fraction(*ring_model, sampler, steps)
     # Chance for a point spread over the square: ring areas are 1/9, 3/9, 5/9 of it, 1/3 on average.
     assert own >= 0.65, f"{sampler}: only {own:.1%} of points in their own ring (chance is about 33%)"
+
+
+def test_guidance_mixes_in_the_unconditional_model_learned_by_dropout(ring_model):
+    """Guidance scale -1 leaves only the unconditional prediction (the "no class" embedding
+    trained by conditioning dropout): its samples ignore the class, unlike conditional ones."""
+    unconditional = own_ring_fraction(*ring_model, "ddim", 20, guidance_scale=-1.0)
+    conditional = own_ring_fraction(*ring_model, "ddim", 20, guidance_scale=0.0)
+    assert unconditional < 0.5 < conditional, (unconditional, conditional)
 
 
 def test_nelbo_ranks_in_distribution_below_out_of_distribution(square_model):
