@@ -1,138 +1,230 @@
-"""The project's one MLflow helper.
+"""The project's one MLflow helper: where runs go, and the run around each stage execution.
 
-Tracking model: one MLflow experiment per pipeline experiment (``cfg.name``); one run per stage
-execution, named after the stage and tagged ``pipeline.stage``; every run of one workflow execution
-shares the tag ``pipeline.execution`` (Snakemake sets ``PIPELINE_EXECUTION_ID`` once per execution),
-so a whole execution is one filter away::
+Tracking model:
 
-    mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.execution` = '<id>'")
+- one MLflow experiment per pipeline experiment (the config's ``name``);
+- one MLflow run per stage execution, named after the stage and tagged ``pipeline.stage``;
+- every run of one workflow execution carries the same ``pipeline.execution`` tag. Snakemake sets
+  ``PIPELINE_EXECUTION_ID`` once per execution and every stage inherits it, so one filter finds
+  the whole execution::
+
+      mlflow.search_runs(experiment_names=["demo"],
+                         filter_string="tags.`pipeline.execution` = '<id>'")
+
+A run's params are the flattened resolved config (:func:`flatten_config`), its artifacts start
+with that config whole as ``config.yaml``; the stage logs its metrics (with steps) and plots into
+the active run.
 
 The default store is ``sqlite:///<project root>/mlflow.db``: embedded, no server (MLflow 3 refuses
-the old ``./mlruns`` file store by default). ``MLFLOW_TRACKING_URI`` points elsewhere, e.g. a team's
-``mlflow server``. Browse with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+the old ``./mlruns`` file store by default), with artifacts in ``mlartifacts/`` beside it.
+``MLFLOW_TRACKING_URI`` points elsewhere, e.g. a team's ``mlflow server``. Browse the default store
+with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the project root.
+
+Concurrency: Snakemake starts several stages at once. The first process to reach a fresh sqlite
+database creates its schema (dozens of migrations) and the experiment while holding an exclusive
+lock on ``mlflow.db.lock``; the others wait, then find both made. After that, concurrent writes are
+MLflow's business: every SQLAlchemy session it opens on sqlite sets ``PRAGMA busy_timeout = 20000``,
+so a writer waits up to 20 s for another's transaction instead of failing with "database is
+locked" (``tests/test_tracking.py`` checks this with several processes logging metrics at once).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
-import tempfile
 import uuid
-from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
-from mlflow.entities import Param
+from mlflow.entities import Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from sqlalchemy.engine import make_url
+
+try:
+    from mlflow.utils.validation import (
+        MAX_ENTITY_KEY_LENGTH,
+        MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+    )
+except ImportError:  # an MLflow that moved its private constants: the limits MLflow 3 documents
+    MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 250, 6000, 100
 
 EXECUTION_ENV = "PIPELINE_EXECUTION_ID"
 EXECUTION_TAG = "pipeline.execution"
 STAGE_TAG = "pipeline.stage"
-TRUNCATED = "...[truncated]"
+CONFIG_ARTIFACT = "config.yaml"
+TRUNCATION_MARKER = "...[truncated; full value in config.yaml]"
 
 
 def project_root() -> Path:
-    """The source checkout (the folder holding ``pyproject.toml`` above this package), else the cwd."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").exists() else Path.cwd()
+    """The source checkout: the folder above the ``pipeline`` package when it holds
+    ``pyproject.toml``, else (an installed package) the current working directory."""
+    checkout = Path(__file__).resolve().parents[1]
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's embedded ``sqlite:///.../mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db`` (absolute)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def _plain(config) -> object:
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True, enum_to_str=True)
-    return config
+def _resolved(config: Mapping) -> Mapping:
+    """``config`` as plain containers, OmegaConf interpolations resolved."""
+    return OmegaConf.to_container(config, resolve=True, enum_to_str=True) if OmegaConf.is_config(config) else config
 
 
-def flatten_config(config, prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config into MLflow params: ``{"model.d_model": "128", ...}``.
+def _is_list(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
-    Nested keys are joined with ``.``; lists are kept whole as their string form
-    (``"['g', 'q', 't']"``), which is how they are compared in the MLflow UI. Values longer than
-    MLflow's limit are cut and marked (the full config is always logged as ``config.yaml`` too).
+
+def _param_key(key: str) -> str:
+    """``key`` if MLflow accepts its length, else its head plus a short hash of the whole key, so
+    two long keys that share a head stay two params."""
+    if len(key) <= MAX_ENTITY_KEY_LENGTH:
+        return key
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"{key[: MAX_ENTITY_KEY_LENGTH - len(digest) - 1]}-{digest}"
+
+
+def _param_value(value) -> str:
+    """``str(value)``, cut to MLflow's limit with :data:`TRUNCATION_MARKER` at the end."""
+    text = str(value)
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
+        return text
+    return text[: MAX_PARAM_VAL_LENGTH - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+def _flatten_into(flat: dict[str, str], key: str, value) -> None:
+    if isinstance(value, Mapping) and value:
+        for child_key, child in value.items():
+            _flatten_into(flat, f"{key}.{child_key}", child)
+    elif _is_list(value) and any(isinstance(item, Mapping) or _is_list(item) for item in value):
+        for index, item in enumerate(value):
+            _flatten_into(flat, f"{key}.{index}", item)
+    else:
+        flat[_param_key(key)] = _param_value(value)
+
+
+def flatten_config(config: Mapping) -> dict[str, str]:
+    """Flatten a nested config (a dict or an OmegaConf ``DictConfig``, resolved first) into
+    MLflow params: ``{"model.d_model": "128", "data.classes": "['g', 'q']", ...}``.
+
+    - Nested keys are joined with ``.``.
+    - A list of scalars stays one param, its ``str`` (``"[64, 64, 64]"``): it reads as in the
+      config and compares as one value across runs. A list holding mappings or lists is indexed
+      instead: ``key.0.name``, ``key.1.name``, ...
+    - Values are ``str(value)`` (as ``mlflow.log_param`` writes them: ``True``, ``None``); an
+      empty mapping is the param ``{}``.
+    - MLflow's limits hold: a value longer than ``MAX_PARAM_VAL_LENGTH`` is cut and ends with
+      :data:`TRUNCATION_MARKER` (the whole config is logged as the ``config.yaml`` artifact, so
+      nothing is lost); a key longer than ``MAX_ENTITY_KEY_LENGTH`` keeps its head plus a hash of
+      the whole key.
     """
     flat: dict[str, str] = {}
-    for key, value in _plain(config).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, prefix=f"{name}."))
-            continue
-        text = str(value)
-        if len(text) > MAX_PARAM_VAL_LENGTH:
-            text = text[: MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
-        flat[name[:MAX_ENTITY_KEY_LENGTH]] = text
+    for key, value in _resolved(config).items():
+        _flatten_into(flat, str(key), value)
     return flat
 
 
-def _sqlite_lock(uri: str):
-    """An exclusive lock beside a sqlite database file, or no lock for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return nullcontext()
-    database = Path(uri.removeprefix("sqlite:///"))
-    database.parent.mkdir(parents=True, exist_ok=True)
-
-    @contextmanager
-    def lock():
-        with open(database.with_name(database.name + ".lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    return lock()
-
-
-def ensure_experiment(name: str, uri: str | None = None) -> str:
-    """Create the tracking store (schema migrations) and the experiment once; return its id.
-
-    Several stage processes may start at once against a fresh ``mlflow.db``: for sqlite the first
-    creation happens under a file lock, so none of them races the schema or the experiment. Other
-    stores tolerate a concurrent create by fetching the experiment the other process made.
-    """
-    uri = uri or tracking_uri()
-    with _sqlite_lock(uri):
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name)
-        except MlflowException:
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI; None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 @contextmanager
-def stage_run(experiment: str, stage: str, config, *, tags: Mapping[str, str] | None = None):
-    """One MLflow run for one stage execution; yields the active run.
+def _store_lock(database: Path | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<database>.lock`` (no lock when there is no file)."""
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
-    Logs the flattened config as params and the resolved config as ``config.yaml``; tags the run
-    with the stage and the execution id (taken from ``PIPELINE_EXECUTION_ID``, or made and exported
-    so child processes share it). The run ends FINISHED, or FAILED if the block raises.
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Create the tracking store (schema migrations) and the experiment ``name`` if missing;
+    return the experiment's id.
+
+    Safe when several processes start at once against a fresh store. With sqlite, all of it
+    happens under an exclusive lock on ``<db>.lock`` beside the database, and the experiment's
+    artifacts go to ``mlartifacts/<name>`` beside the database (not ``./mlruns`` under whatever
+    directory the creating process ran in). With other stores a concurrent create is tolerated:
+    the loser of the race fetches the winner's experiment.
+    """
+    uri = uri or tracking_uri()
+    database = _sqlite_path(uri)
+    with _store_lock(database):
+        client = MlflowClient(uri)  # the process-wide store for ``uri``: made (and migrated) here
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            artifact_location = None
+            if database is not None:
+                artifacts = database.resolve().parent / "mlartifacts" / quote(name, safe="")
+                artifact_location = artifacts.as_uri()
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException as error:
+                if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                    raise
+                experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise RuntimeError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted in {uri}. "
+            f"Restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`, or remove it for good with "
+            f"`mlflow gc --backend-store-uri {uri} --experiment-ids {experiment.experiment_id}`."
+        )
+    return experiment.experiment_id
+
+
+def execution_id() -> str:
+    """This workflow execution's id: ``PIPELINE_EXECUTION_ID``, or a new one exported there so
+    child processes share it."""
+    execution = os.environ.get(EXECUTION_ENV) or uuid.uuid4().hex
+    os.environ[EXECUTION_ENV] = execution
+    return execution
+
+
+@contextmanager
+def stage_run(
+    experiment: str, stage: str, config: Mapping, *, tags: Mapping[str, str] | None = None
+) -> Iterator[Run]:
+    """Run one stage execution inside an MLflow run; yields the active run.
+
+    Points MLflow at :func:`tracking_uri`, makes the store and the experiment if needed
+    (:func:`ensure_experiment`), and starts a run named ``stage`` tagged with ``tags``,
+    ``pipeline.stage`` and ``pipeline.execution`` (:func:`execution_id`). Logs the flattened
+    config as params, in batches within MLflow's per-request limit, and the resolved config as the
+    artifact ``config.yaml``. The run ends FINISHED, or FAILED when the block raises (KILLED on
+    Ctrl-C); the exception propagates.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, uri)
-    execution = os.environ.setdefault(EXECUTION_ENV, uuid.uuid4().hex)
-    run_tags = {STAGE_TAG: stage, EXECUTION_TAG: execution, **(tags or {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags) as run:
+    run_tags = {**(tags or {}), STAGE_TAG: stage, EXECUTION_TAG: execution_id()}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags)
+    try:
         params = [Param(key, value) for key, value in flatten_config(config).items()]
         client = MlflowClient(uri)
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-        with tempfile.TemporaryDirectory() as folder:
-            resolved = Path(folder) / "config.yaml"
-            resolved.write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(config))))
-            mlflow.log_artifact(str(resolved))
+            batch = params[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            client.log_batch(run.info.run_id, params=batch)
+        mlflow.log_text(OmegaConf.to_yaml(_resolved(config)), CONFIG_ARTIFACT)
         yield run
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))

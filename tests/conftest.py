@@ -14,7 +14,8 @@ def isolated_tracking(tmp_path, monkeypatch):
     """Every test logs to its own sqlite store, never to the project's mlflow.db."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("PIPELINE_EXECUTION_ID", raising=False)
+    monkeypatch.setenv("PIPELINE_EXECUTION_ID", "unset")  # recorded, so teardown removes what a stage exports
+    monkeypatch.delenv("PIPELINE_EXECUTION_ID")
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)

@@ -157,7 +157,7 @@ def test_data_parallel_step_matches_single_device(n_shards):
         "mask": jnp.asarray(mask),
         "labels": jnp.asarray(rng.integers(0, 3, size=8), jnp.int32),
     }
-    model = VDM(ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3), make_schedule("learned_linear"),
+    model = VDM(ScoreNet(d_model=16, n_layers=1, n_heads=2, n_classes=3), make_schedule("learned_linear"),
                 data_dim=DIM, cond_drop_prob=0.5)
     optimizer = make_optimizer(1e-2, total_steps=10)
     state = create_train_state(model, jax.random.key(0), batch, optimizer)
