@@ -162,15 +162,15 @@ def test_data_parallel_step_matches_single_device(n_shards):
     optimizer = make_optimizer(1e-2, total_steps=10)
     state = create_train_state(model, jax.random.key(0), batch, optimizer)
     step_rng = jax.random.key(1)
-    whole, whole_metrics = train_step(state, batch, step_rng, model=model, optimizer=optimizer)
+    whole, whole_metrics = jax.jit(lambda s, b: train_step(s, b, step_rng, model=model, optimizer=optimizer))(state, batch)
 
     # vmap with an axis name runs the same collectives as pmap (pmap itself is tested with several
     # devices by the training stage's tests).
     shards = jax.tree.map(lambda a: a.reshape((n_shards, -1) + a.shape[1:]), batch)
-    sharded_step = jax.vmap(
+    sharded_step = jax.jit(jax.vmap(
         lambda s, b: train_step(s, b, step_rng, model=model, optimizer=optimizer, axis_name="devices"),
         in_axes=(None, 0), axis_name="devices",
-    )
+    ))
     split, split_metrics = sharded_step(state, shards)
     np.testing.assert_allclose(split_metrics["loss_bpd"], whole_metrics["loss_bpd"], rtol=1e-5)
     moved = jax.tree.map(lambda new, old: float(jnp.abs(new - old).max()), whole.params, state.params)
