@@ -5,9 +5,6 @@ import shlex
 import uuid
 
 EXPERIMENTS = list(config["experiments"])
-# With --use-conda every job runs in this named environment, made once from environment.yml
-# (`conda env create -f environment.yml`); without it, jobs use the current Python.
-CONDA_ENV = "jet-setdiff"
 os.environ.setdefault("PIPELINE_EXECUTION_ID", uuid.uuid4().hex)
 
 

@@ -8,6 +8,6 @@ rule toy:
     log:
         "results/{experiment}/logs/toy.log",
     conda:
-        CONDA_ENV
+        "../../environment.yml"
     shell:
         "python -m pipeline.toy {params.hydra} > {log} 2>&1"
