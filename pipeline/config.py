@@ -45,17 +45,65 @@ class MaskSource(Enum):
     test = "test"  # the test split's masks, one for one
 
 
+class Source(Enum):
+    """Where a dataset's raw files come from, and so which reader ``pipeline.preprocess`` uses."""
+
+    pythia = "pythia"  # generated here with Pythia 8 + FastJet (``pipeline.generate``): ROOT
+    jetnet = "jetnet"  # JetNet HDF5, one file per class (Kansal et al. 2021)
+    jetclass = "jetclass"  # JetClass ROOT files (Qu, Li, Qian 2022)
+    toptagging = "toptagging"  # top-tagging reference dataset, pandas HDF5 (Kasieczka et al. 2019)
+    qg = "qg"  # energyflow's quark/gluon jets, npz (Komiske, Metodiev, Thaler 2019)
+
+
+@dataclass
+class RemoteFile:
+    """One file of a public dataset: where it lives under ``data.base_url`` and its checksum."""
+
+    path: str = MISSING  # URL path under data.base_url, e.g. records/6975118/files/g.hdf5
+    known_hash: str | None = None  # "md5:<hex>" or "sha256:<hex>"; None: not verifiable
+    members: list[str] = field(default_factory=list)  # for a tar archive: the members to extract
+
+
+@dataclass
+class GeneratorConfig:
+    """Pythia 8 + FastJet jet generation (``pipeline.generate``); JetNet-like defaults."""
+
+    jets_per_shard: int = 1_000  # jets of one class written by one shard
+    n_shards: int = 2  # shards per class; Snakemake runs them in parallel
+    sqrt_s: float = 13_000.0  # GeV, pp collisions
+    jet_radius: float = 0.8  # anti-kT R
+    jet_eta_max: float = 2.5
+    jet_pt_min: float = 900.0  # GeV: the jet pT window (JetNet: jets near 1 TeV)
+    jet_pt_max: float = 1_100.0
+    batch_events: int = 100  # events generated and clustered at once
+    pythia_settings: list[str] = field(default_factory=list)  # extra Pythia readString lines
+    class_name: str | None = None  # generate only this class (Snakemake: one job per shard)
+    shard: int | None = None  # generate only this shard
+
+
 @dataclass
 class DataConfig:
     """A jet dataset: where its raw and processed files live and what its sets look like."""
 
     name: str = MISSING
+    source: Source = Source.pythia
     n_max: int = 30  # particles kept per jet (highest pt_rel first)
     class_names: list[str] = field(default_factory=lambda: ["g", "q", "t"])
+    # class name -> how the source marks it: a label branch (ROOT), a file name (JetNet), or the
+    # value of the label column (top tagging: is_signal_new; qg: y). Empty: the class name itself.
+    labels: dict[str, str] = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=lambda: list(PARTICLE_FEATURES))
     jet_feature_names: list[str] = field(default_factory=lambda: list(JET_FEATURES))
     raw_dir: str = "data/raw/${.name}"
     processed_dir: str = "data/processed/${.name}"
+    # Downloads (``pipeline.download``): file name under raw_dir -> where it lives, its checksum.
+    base_url: str = "https://zenodo.org"  # a mirror replaces the host, the paths stay
+    verify: bool = True  # check every file against its known hash
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # Preprocessing (``pipeline.preprocess``): seeded train/val/test split of all jets.
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    chunk_jets: int = 100_000  # jets read and converted at once (bounds memory)
 
 
 @dataclass

@@ -29,32 +29,49 @@ class PipelineError(Exception):
     """A problem the user can fix. Its message says what is wrong and what to do next."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file next to ``path`` and move it into place only if the block succeeds,
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path`` and move it into place only if the block succeeds,
     so a failed or interrupted stage never leaves a half-written file that looks whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
     try:
-        with os.fdopen(handle, mode) as file:
-            yield file
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it a new file's mode
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
 
 
 @contextmanager
-def stage(name: str, cfg: DictConfig):
+def atomic_output(path: str | os.PathLike, mode: str = "w"):
+    """Open ``path`` for writing through :func:`atomic_path`: it appears only when complete."""
+    with atomic_path(path) as temporary, open(temporary, mode) as file:
+        yield file
+
+
+@contextmanager
+def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = None, config_file: str = "config.yaml"):
     """Run one execution of stage ``name``: yields its output folder, inside an MLflow run.
 
-    The resolved config is written to ``<output>/config.yaml`` first. A ``PipelineError`` is
-    reported as one line on stderr and exit status 2 (the MLflow run is marked FAILED).
+    The output folder is Hydra's run dir unless ``output_dir`` is given (the data stages write
+    under ``data/``, shared by every experiment). The resolved config is written there first, as
+    ``config_file``. A ``PipelineError`` is reported as one line on stderr and exit status 2 (the
+    MLflow run is marked FAILED).
     """
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(output_dir if output_dir is not None else HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output_dir / "config.yaml") as file:
+    with atomic_output(output_dir / config_file) as file:
         file.write(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         with stage_run(cfg.name, name, cfg):
