@@ -1,0 +1,321 @@
+"""The download stage against a local HTTP server: it verifies, resumes, refuses in one clear line,
+and never leaves a partial file under a real file's name nor touches a file that is already there."""
+
+import errno
+import hashlib
+import http.server
+import io
+import json
+import os
+import random
+import tarfile
+import threading
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import PROJECT_ROOT, run_stage
+from pipeline import download
+
+JETNET_FILES = ["g.hdf5", "q.hdf5", "t.hdf5", "w.hdf5", "z.hdf5"]  # data=jetnet30
+CONTENTS = {name: random.Random(name).randbytes(40_000 + 1_000 * index) for index, name in enumerate(JETNET_FILES)}
+
+
+def sha256(body: bytes) -> str:
+    return f"sha256:{hashlib.sha256(body).hexdigest()}"
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves ``files`` (URL path -> bytes) on 127.0.0.1, honouring ``Range: bytes=<start>-`` with
+    206 unless ``ignore_range``; ``cut_after[path] = k`` cuts the next response for ``path`` after k
+    bytes, ``fail_next[path] = status`` answers the next request for ``path`` with that error status.
+    Every request is recorded as (path, Range header)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+        self.files: dict[str, bytes] = {}
+        self.cut_after: dict[str, int] = {}
+        self.fail_next: dict[str, int] = {}
+        self.ignore_range = False
+        self.requests: list[tuple[str, str | None]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        requested = self.headers.get("Range")
+        server.requests.append((self.path, requested))
+        body = server.files.get(self.path)
+        if body is None or self.path in server.fail_next:
+            self.send_error(server.fail_next.pop(self.path, 404))
+            return
+        resumed = requested is not None and not server.ignore_range
+        start = int(requested.removeprefix("bytes=").rstrip("-")) if resumed else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.end_headers()
+        cut = server.cut_after.pop(self.path, None)
+        self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries_and_small_chunks(monkeypatch):
+    """Retry at once; write every 1000 bytes received (a cut transfer keeps what came in whole chunks)."""
+    monkeypatch.setattr(download, "FIRST_RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr(download, "CHUNK_BYTES", 1_000)
+
+
+def composed(*overrides):
+    with initialize_config_dir(str(PROJECT_ROOT / "pipeline" / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def url_path(dataset: str, name: str) -> str:
+    return "/" + composed(f"data={dataset}").data.files[name].path
+
+
+def hash_overrides(hashes: dict[str, str]) -> str:
+    """One override setting several files' known_hash (file names hold dots, so a mapping)."""
+    return "data.files={" + ",".join(f"{name}:{{known_hash:'{value}'}}" for name, value in hashes.items()) + "}"
+
+
+def jetnet(server, raw_dir, *overrides, hashes=True) -> list[str]:
+    """Serve CONTENTS at jetnet30's paths; the overrides that download them into ``raw_dir``."""
+    server.files.update({url_path("jetnet30", name): body for name, body in CONTENTS.items()})
+    known = [hash_overrides({name: sha256(body) for name, body in CONTENTS.items()})] if hashes else []
+    return ["data=jetnet30", f"data.base_url={server.url}", f"data.raw_dir={raw_dir}", *known, *overrides]
+
+
+def run_in_process(capsys, *overrides) -> tuple[int, str]:
+    """Run the stage in this process (no interpreter start-up); return its exit status and the last
+    line it wrote to stderr."""
+    try:
+        download.main(composed(*overrides))
+        status = 0
+    except SystemExit as stopped:
+        status = stopped.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, (err.strip().splitlines() or [""])[-1]
+
+
+def last_metrics() -> dict:
+    return mlflow.search_runs(experiment_names=["demo"], output_format="list")[0].data.metrics
+
+
+def test_a_run_downloads_verifies_and_records_every_file(tmp_path, server):
+    raw = tmp_path / "raw"
+    result = run_stage("download", *jetnet(server, raw))
+    assert result.returncode == 0, result.stderr
+    for name, body in CONTENTS.items():
+        assert (raw / name).read_bytes() == body
+    recorded = json.loads((raw / "download.json").read_text())["files"]
+    assert {entry["name"]: (entry["url"], entry["hash"], entry["size"]) for entry in recorded} == {
+        name: (server.url + url_path("jetnet30", name), sha256(body), len(body)) for name, body in CONTENTS.items()
+    }
+    left = sorted(path.name for path in raw.iterdir())
+    assert left == sorted([*CONTENTS, "download.json", "download.config.yaml"])  # no partial or temporary file
+    metrics = last_metrics()
+    assert metrics["files_downloaded"] == metrics["files_verified"] == len(CONTENTS)
+    assert metrics["bytes_downloaded"] == sum(map(len, CONTENTS.values())) and metrics["download_mb_per_s"] > 0
+
+
+def test_a_cut_transfer_resumes_where_it_stopped(tmp_path, server, capsys):
+    overrides = jetnet(server, tmp_path / "raw")
+    g = url_path("jetnet30", "g.hdf5")
+    server.cut_after[g] = 10_000
+    assert run_in_process(capsys, *overrides)[0] == 0
+    assert [request for request in server.requests if request[0] == g] == [(g, None), (g, "bytes=10000-")]
+    assert (tmp_path / "raw" / "g.hdf5").read_bytes() == CONTENTS["g.hdf5"]
+    assert last_metrics()["bytes_downloaded"] == sum(map(len, CONTENTS.values()))  # nothing fetched twice
+
+
+def test_a_server_error_is_tried_again(tmp_path, server, capsys):
+    overrides = jetnet(server, tmp_path / "raw")
+    g = url_path("jetnet30", "g.hdf5")
+    server.fail_next[g] = 503
+    assert run_in_process(capsys, *overrides)[0] == 0
+    assert [request for request in server.requests if request[0] == g] == [(g, None), (g, None)]
+    assert (tmp_path / "raw" / "g.hdf5").read_bytes() == CONTENTS["g.hdf5"]
+
+
+@pytest.mark.parametrize("server_resumes", [True, False])
+def test_a_partial_file_from_an_earlier_run_is_resumed_or_restarted(tmp_path, server, capsys, server_resumes):
+    raw = tmp_path / "raw"
+    overrides = jetnet(server, raw)
+    server.ignore_range = not server_resumes
+    raw.mkdir()
+    (raw / ".g.hdf5.part").write_bytes(CONTENTS["g.hdf5"][:5_000])
+    assert run_in_process(capsys, *overrides)[0] == 0
+    g = url_path("jetnet30", "g.hdf5")
+    assert [request for request in server.requests if request[0] == g] == [(g, "bytes=5000-")]
+    assert (raw / "g.hdf5").read_bytes() == CONTENTS["g.hdf5"] and not (raw / ".g.hdf5.part").exists()
+    skipped = 5_000 if server_resumes else 0
+    assert last_metrics()["bytes_downloaded"] == sum(map(len, CONTENTS.values())) - skipped
+
+
+def test_a_download_that_fails_its_checksum_is_deleted(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    overrides = jetnet(server, raw)
+    server.files[url_path("jetnet30", "g.hdf5")] = b"not the published bytes" * 1_000
+    status, message = run_in_process(capsys, *overrides)
+    assert status == 2
+    assert message.startswith("download: error:") and "g.hdf5" in message and "does not match" in message
+    assert sorted(path.name for path in raw.iterdir()) == ["download.config.yaml"]  # no file, no partial
+
+
+def test_a_missing_file_names_its_url(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    overrides = jetnet(server, raw)
+    q = url_path("jetnet30", "q.hdf5")
+    del server.files[q]
+    status, message = run_in_process(capsys, *overrides)
+    assert status == 2 and message.startswith("download: error:")
+    assert f"{server.url}{q} answered HTTP 404" in message
+    assert not (raw / "q.hdf5").exists() and not (raw / ".q.hdf5.part").exists()
+
+
+def test_offline_says_so_after_a_few_tries(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    overrides = jetnet(server, raw)
+    server.shutdown()
+    server.server_close()  # nothing listens on its port any more
+    status, message = run_in_process(capsys, *overrides)
+    assert status == 2 and message.startswith("download: error:")
+    assert "cannot connect" in message and f"{download.ATTEMPTS} tries" in message
+    assert sorted(path.name for path in raw.iterdir()) == ["download.config.yaml"]
+
+
+def test_a_full_disk_says_so_and_keeps_the_partial_file_for_later(tmp_path, server, capsys, monkeypatch):
+    def fill_the_disk(self, url):
+        self.partial.write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(download.ResumableDownloader, "transfer", fill_the_disk)
+    raw = tmp_path / "raw"
+    status, message = run_in_process(capsys, *jetnet(server, raw))
+    assert status == 2 and message.startswith("download: error: cannot write g.hdf5")
+    assert os.strerror(errno.ENOSPC) in message and "free some space" in message
+    assert sorted(path.name for path in raw.iterdir()) == [".g.hdf5.part", "download.config.yaml"]
+
+
+def test_files_already_present_are_verified_without_any_request(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, body in CONTENTS.items():
+        (raw / name).write_bytes(body)
+    assert run_in_process(capsys, *jetnet(server, raw))[0] == 0
+    assert server.requests == []
+    assert (raw / "download.json").exists()
+    metrics = last_metrics()
+    assert metrics["files_present"] == metrics["files_verified"] == len(CONTENTS)
+    assert metrics["bytes_downloaded"] == 0
+
+
+def test_a_present_file_that_differs_is_an_error_and_left_alone(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "g.hdf5").write_bytes(b"someone's other version")
+    status, message = run_in_process(capsys, *jetnet(server, raw))
+    assert status == 2 and message.startswith("download: error:")
+    assert str(raw / "g.hdf5") in message and "delete it" in message and "data.verify=false" in message
+    assert (raw / "g.hdf5").read_bytes() == b"someone's other version"
+    assert server.requests == []
+
+
+def test_verify_false_uses_files_unchecked_with_a_warning(tmp_path, server, capsys):
+    wrong = hash_overrides({name: sha256(b"other bytes") for name in CONTENTS})
+    with pytest.warns(UserWarning, match="data.verify=false"):
+        status, _ = run_in_process(capsys, *jetnet(server, tmp_path / "raw", wrong, "data.verify=false",
+                                                   hashes=False))
+    assert status == 0
+    assert (tmp_path / "raw" / "g.hdf5").read_bytes() == CONTENTS["g.hdf5"]
+    assert last_metrics()["files_verified"] == 0
+
+
+def test_a_file_without_known_hash_warns_and_records_its_sha256(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    with pytest.warns(UserWarning, match="no known_hash"):
+        status, _ = run_in_process(capsys, *jetnet(server, raw, hashes=False))
+    assert status == 0
+    recorded = json.loads((raw / "download.json").read_text())["files"]
+    assert {entry["name"]: entry["hash"] for entry in recorded} == {name: sha256(b) for name, b in CONTENTS.items()}
+    assert last_metrics()["files_verified"] == 0
+
+
+@pytest.mark.parametrize("obstacle", ["a file in the way", "a read-only folder"])
+def test_an_unwritable_raw_dir_is_refused_before_any_request(tmp_path, server, capsys, obstacle):
+    if obstacle == "a file in the way":
+        (tmp_path / "file").write_text("")
+        raw = tmp_path / "file" / "raw"
+    else:
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        raw = tmp_path / "read-only"
+        raw.mkdir(mode=0o500)
+    status, message = run_in_process(capsys, *jetnet(server, raw))
+    assert status == 2 and message.startswith(f"download: error: cannot write into data.raw_dir={raw}")
+    assert server.requests == []
+
+
+def test_a_generated_dataset_points_at_the_generate_stage(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    status, message = run_in_process(capsys, "data=pythia", f"data.raw_dir={raw}")
+    assert status == 2 and "python -m pipeline.generate" in message
+    assert not raw.exists()
+
+
+def test_archive_members_are_extracted_and_a_later_run_needs_no_archive(tmp_path, server, capsys):
+    data = composed("data=jetclass").data
+    (archive_name, archive), = data.files.items()
+    in_archive = [*archive.members, "val_5M/HToBB_120.root"]
+    contents = {member: random.Random(member).randbytes(3_000) for member in in_archive}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for member, body in contents.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    server.files["/" + archive.path] = buffer.getvalue()
+    raw = tmp_path / "raw"
+    overrides = ["data=jetclass", f"data.base_url={server.url}", f"data.raw_dir={raw}",
+                 hash_overrides({archive_name: sha256(buffer.getvalue())})]
+    assert run_in_process(capsys, *overrides)[0] == 0
+    for member in archive.members:
+        assert (raw / member).read_bytes() == contents[member]
+    assert not (raw / "val_5M" / "HToBB_120.root").exists()  # not a chosen member
+    (raw / archive_name).unlink()
+    server.requests.clear()
+    assert run_in_process(capsys, *overrides)[0] == 0
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("dataset", ["jetnet30", "jetnet150", "jetclass", "toptagging", "qg"])
+def test_every_public_dataset_config_is_downloadable(tmp_path, dataset):
+    data = composed(f"data={dataset}", f"data.raw_dir={tmp_path}").data
+    download.check_before_starting(data)  # files listed, hashes well formed
+    assert set(data.class_names) <= set(data.labels)
+    if dataset.startswith("jetnet"):
+        assert set(data.labels.values()) == set(data.files)  # a class's label is its file
