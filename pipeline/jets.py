@@ -23,6 +23,11 @@ def pseudorapidity(px, py, pz):
         return np.arcsinh(pz / transverse_momentum(px, py))
 
 
+def rapidity(energy, pz):
+    """``y = 1/2 ln((E + pz) / (E - pz))``: the longitudinal coordinate FastJet clusters in."""
+    return 0.5 * np.log((energy + pz) / (energy - pz))
+
+
 def azimuth(px, py):
     return np.arctan2(py, px)
 

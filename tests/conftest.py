@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from hydra import compose, initialize_config_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +36,9 @@ TINY = [
     "train.steps=30", "train.batch_size=8", "train.warmup_steps=5", "train.log_every=10",
     "sample.steps=4",
 ]
+
+
+def compose_config(*overrides: str):
+    """The config a stage composes from these overrides, for calling a stage's code in-process."""
+    with initialize_config_dir(str(PROJECT_ROOT / "pipeline" / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))

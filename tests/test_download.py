@@ -13,9 +13,8 @@ import threading
 
 import mlflow
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import PROJECT_ROOT, run_stage
+from conftest import compose_config, run_stage
 from pipeline import download
 
 JETNET_FILES = ["g.hdf5", "q.hdf5", "t.hdf5", "w.hdf5", "z.hdf5"]  # data=jetnet30
@@ -87,13 +86,8 @@ def fast_retries_and_small_chunks(monkeypatch):
     monkeypatch.setattr(download, "CHUNK_BYTES", 1_000)
 
 
-def composed(*overrides):
-    with initialize_config_dir(str(PROJECT_ROOT / "pipeline" / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def url_path(dataset: str, name: str) -> str:
-    return "/" + composed(f"data={dataset}").data.files[name].path
+    return "/" + compose_config(f"data={dataset}").data.files[name].path
 
 
 def hash_overrides(hashes: dict[str, str]) -> str:
@@ -112,7 +106,7 @@ def run_in_process(capsys, *overrides) -> tuple[int, str]:
     """Run the stage in this process (no interpreter start-up); return its exit status and the last
     line it wrote to stderr."""
     try:
-        download.main(composed(*overrides))
+        download.main(compose_config(*overrides))
         status = 0
     except SystemExit as stopped:
         status = stopped.code
@@ -288,7 +282,7 @@ def test_a_generated_dataset_points_at_the_generate_stage(tmp_path, capsys):
 
 
 def test_archive_members_are_extracted_and_a_later_run_needs_no_archive(tmp_path, server, capsys):
-    data = composed("data=jetclass").data
+    data = compose_config("data=jetclass").data
     (archive_name, archive), = data.files.items()
     in_archive = [*archive.members, "val_5M/HToBB_120.root"]
     contents = {member: random.Random(member).randbytes(3_000) for member in in_archive}
@@ -314,7 +308,7 @@ def test_archive_members_are_extracted_and_a_later_run_needs_no_archive(tmp_path
 
 @pytest.mark.parametrize("dataset", ["jetnet30", "jetnet150", "jetclass", "toptagging", "qg"])
 def test_every_public_dataset_config_is_downloadable(tmp_path, dataset):
-    data = composed(f"data={dataset}", f"data.raw_dir={tmp_path}").data
+    data = compose_config(f"data={dataset}", f"data.raw_dir={tmp_path}").data
     download.check_before_starting(data)  # files listed, hashes well formed
     assert set(data.class_names) <= set(data.labels)
     if dataset.startswith("jetnet"):
