@@ -12,6 +12,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/toy.smk"
 
 
@@ -19,3 +20,4 @@ rule all:
     default_target: True
     input:
         expand("results/{experiment}/toy/metrics.json", experiment=EXPERIMENTS),
+        [processed_files(experiment) for experiment in EXPERIMENTS],

@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jets", type=int, default=300_000, help="jets in all (split evenly over the classes)")
     parser.add_argument("--particles", type=int, default=50, help="mean particles per jet")
-    parser.add_argument("--chunk-jets", type=int, default=100_000)
+    parser.add_argument("--chunk-jets", type=int, default=50_000, help="data.chunk_jets (the default)")
     parser.add_argument("--shuffled", action="store_true", help="particles in random order within jets (so the stage sorts them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder, initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
@@ -79,7 +79,7 @@ def main() -> None:
                     file["tree"].arrays(branches, entry_start=first, entry_stop=last)
         uproot_seconds = time.perf_counter() - start
 
-        counts = preprocess(cfg, processed_dir, progress=False)
+        counts, _ = preprocess(cfg, processed_dir, progress=False)
         output_megabytes = sum(path.stat().st_size for path in processed_dir.glob("*.h5")) / 1e6
 
     rate_uproot = args.jets / uproot_seconds

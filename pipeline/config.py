@@ -103,7 +103,7 @@ class DataConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     # Preprocessing (``pipeline.preprocess``): seeded train/val/test split of all jets.
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    chunk_jets: int = 100_000  # jets read and converted at once (bounds memory)
+    chunk_jets: int = 50_000  # jets read and converted at once (bounds memory: a few chunks are in flight)
 
 
 @dataclass

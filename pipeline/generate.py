@@ -211,7 +211,7 @@ def generate_shard(class_name: str, shard: int, seed: int, generator: DictConfig
     pythia = start_pythia(pythia_settings(class_name, generator, shard_seed(seed, class_name, shard)))
     batches, n_jets, n_events, pythia_seconds = [], 0, 0, 0.0
     start = time.perf_counter()
-    with tqdm(total=generator.jets_per_shard, desc=f"{class_name} shard {shard}", unit="jet", disable=not progress) as bar:
+    with tqdm(total=generator.jets_per_shard, desc=f"{class_name} shard {shard}", unit="jet", disable=None if progress else True) as bar:
         while n_jets < generator.jets_per_shard:
             tick = time.perf_counter()
             events = pythia.nextBatch(generator.batch_events)

@@ -3,11 +3,11 @@
 ``python -m pipeline.preprocess data=<name>`` reads ``data.raw_dir`` and writes
 ``data.processed_dir/{train,val,test}.h5`` and ``normalisation.json``. A jet's way through it:
 
-1. A reader turns a chunk of raw jets into jagged ``(eta_rel, phi_rel, pt_rel)`` per particle, jet
-   ``(pt, eta, mass)`` and a class index. Sources with four-momenta (Pythia and JetClass ROOT files,
-   top tagging, quark/gluon) go through ``pipeline.jets``: the jet is the four-vector sum of all
-   its constituents and particles are taken relative to it. JetNet files hold relative
-   coordinates and jet features already.
+1. A reader loads a slice of a raw file (I/O) and parses it into flat per-particle arrays, jet
+   ``(pt, eta, mass)`` and a class index (``RawJets``). Sources with four-momenta (Pythia and
+   JetClass ROOT files, top tagging, quark/gluon) go through ``pipeline.jets``: the jet is the
+   four-vector sum of all its constituents and particles are taken relative to it. JetNet files
+   hold relative coordinates and jet features already.
 2. Jets with no particles, with a non-finite value, or of a class not in ``data.class_names`` are
    dropped and counted (the counts are logged and stored in every output file's attributes).
 3. Particles are sorted by decreasing ``pt_rel``; the ``n_max`` hardest are kept, the rest of the
@@ -105,24 +105,28 @@ class RootReader:
     def __init__(self, data: DictConfig):
         self.label_branches = [data.labels.get(name, f"label_{name}") for name in data.class_names]
 
-    def _tree(self, path: Path):
+    def _open(self, path: Path):
+        """The ROOT file, checked to hold the tree and every branch this reader needs."""
         try:
             file = uproot.open(path)
         except Exception as error:  # uproot raises several types for a file that is not ROOT
             raise PipelineError(f"{path} is not a readable ROOT file ({error}); download or generate it again.") from None
         if self.tree_name not in file:
+            file.close()
             raise PipelineError(f"{path} has no tree {self.tree_name!r}; is it a JetClass-style file?")
-        tree = file[self.tree_name]
-        for branch in (*self.momenta, *self.label_branches):
-            if branch not in tree:
-                raise PipelineError(f"{path}: tree {self.tree_name!r} has no branch {branch!r}; check data.labels or the file.")
-        return tree
+        missing = [branch for branch in (*self.momenta, *self.label_branches) if branch not in file[self.tree_name]]
+        if missing:
+            file.close()
+            raise PipelineError(f"{path}: tree {self.tree_name!r} has no branch {missing[0]!r}; check data.labels or the file.")
+        return file
 
     def n_jets(self, path: Path) -> int:
-        return self._tree(path).num_entries
+        with self._open(path) as file:
+            return file[self.tree_name].num_entries
 
     def load(self, path: Path, start: int, stop: int) -> ak.Array:
-        return self._tree(path).arrays([*self.momenta, *self.label_branches], entry_start=start, entry_stop=stop)
+        with self._open(path) as file:
+            return file[self.tree_name].arrays([*self.momenta, *self.label_branches], entry_start=start, entry_stop=stop)
 
     def parse(self, arrays: ak.Array) -> RawJets:
         one_hot = np.stack([ak.to_numpy(arrays[branch]).astype(bool) for branch in self.label_branches], axis=1)
@@ -476,9 +480,10 @@ def in_background(items: Iterator, stop: threading.Event) -> Iterator:
         yield item
 
 
-def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> dict:
+def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> tuple[dict, list[dict]]:
     """Read every raw file of ``cfg.data``, write the three splits and ``normalisation.json`` into
-    ``processed_dir``; return the counts (jets read, written per split, dropped) and timings."""
+    ``processed_dir``; return the counts (jets read, written per split, dropped, seconds) and the
+    source files (name, SHA-256, jets)."""
     data = cfg.data
     check_config(data)
     reader = READERS[Source(data.source)](data)
@@ -498,7 +503,7 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> d
             ))
             for split in SPLITS
         }
-        bar = files.enter_context(tqdm(total=sum(reader.n_jets(path) for path in paths), unit="jet", desc="preprocess", disable=not progress))
+        bar = files.enter_context(tqdm(total=sum(reader.n_jets(path) for path in paths), unit="jet", desc="preprocess", disable=None if progress else True))
         # Reading (decompression), conversion (numpy) and writing (compression) overlap in three
         # threads, each at most one chunk ahead of the next; all three release the GIL for their
         # heavy work, so the stage runs at about the speed of its slowest step.
@@ -530,14 +535,15 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> d
         with atomic_output(processed_dir / "normalisation.json") as file:
             json.dump(normalisation, file, indent=2)
     counts["seconds"] = time.perf_counter() - start
-    return counts
+    return counts, sources
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: Config) -> None:
     with stage("preprocess", cfg, output_dir=cfg.data.processed_dir) as processed_dir:
-        counts = preprocess(cfg, processed_dir)
+        counts, sources = preprocess(cfg, processed_dir)
         mlflow.log_metrics({**counts, "jets_per_s": counts["jets_read"] / counts["seconds"]})
+        mlflow.log_dict(sources, "source_files.json")
         print(
             f"preprocess: {counts['jets_read']} jets read, {counts['jets_train']}/{counts['jets_val']}/{counts['jets_test']} "
             f"written to {processed_dir}/{{train,val,test}}.h5; dropped: {counts['dropped_empty_jets']} empty, "

@@ -27,7 +27,7 @@ def run(tmp_path, *overrides, chunk_jets=7):
         f"data.raw_dir={tmp_path / 'raw'}", f"data.processed_dir={tmp_path / 'processed'}",
         f"data.n_max={N_MAX}", f"data.chunk_jets={chunk_jets}", *overrides,
     )
-    counts = preprocess(cfg, tmp_path / "processed", progress=False)
+    counts, _ = preprocess(cfg, tmp_path / "processed", progress=False)
     return counts, {split: read_sets(tmp_path / "processed" / f"{split}.h5") for split in SPLITS}
 
 

@@ -9,6 +9,7 @@ import mlflow
 import yaml
 
 from conftest import PROJECT_ROOT, TINY
+from pipeline.sets import read_sets
 
 
 def snakemake(*args, cwd=PROJECT_ROOT):
@@ -39,7 +40,7 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     for name in ("Snakefile", "workflow", "environment.yml"):
         source = PROJECT_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    config = {"experiments": {"demo": TINY}}
+    config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40"]}}
     (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake("--cores", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -47,6 +48,10 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert 0.0 <= metrics["inside_square"] <= 1.0
     assert (tmp_path / "results/demo/toy/samples.png").stat().st_size > 0
     assert yaml.safe_load((tmp_path / "results/demo/toy/config.yaml").read_text())["train"]["steps"] == 30
+    train = read_sets(tmp_path / "data/processed/pythia/train.h5")
+    assert train["class_names"] == ["g", "q", "t"] and len(train["labels"]) == round(0.7 * 3 * 2 * 20)
     runs = mlflow.search_runs(experiment_names=["demo"])
-    assert list(runs["tags.pipeline.stage"]) == ["toy"]
-    assert runs["tags.pipeline.execution"].iloc[0]
+    assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 6 + ["preprocess", "toy"]
+    assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
+    rerun = snakemake("--cores", "2", cwd=tmp_path)
+    assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -1,8 +1,15 @@
-# Shared by all rules: the experiments to run, their Hydra overrides, and the id that ties together
-# every MLflow run of one workflow execution (tag `pipeline.execution`).
+# Shared by all rules: the experiments to run, their Hydra configs, the datasets they need, and the
+# id that ties together every MLflow run of one workflow execution (tag `pipeline.execution`).
 import os
 import shlex
 import uuid
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import pipeline
+from pipeline.config import Source
 
 EXPERIMENTS = list(config["experiments"])
 os.environ.setdefault("PIPELINE_EXECUTION_ID", uuid.uuid4().hex)
@@ -12,7 +19,70 @@ envvars:
     "PIPELINE_EXECUTION_ID",
 
 
+def hydra_overrides(experiment):
+    return [f"experiment={experiment}", *config["experiments"][experiment]]
+
+
+def compose_experiment(experiment):
+    """The config every stage of ``experiment`` composes (a bad override fails here, before any job)."""
+    with initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
+        return compose("config", overrides=hydra_overrides(experiment))
+
+
+CONFIGS = {experiment: compose_experiment(experiment) for experiment in EXPERIMENTS}
+
+
+def data_settings(cfg):
+    """What a dataset's files depend on: the data config and the seed."""
+    return OmegaConf.to_yaml({"data": cfg.data, "seed": cfg.seed}, resolve=True)
+
+
+# dataset name -> the first experiment that uses it (its overrides make the dataset's files).
+# Datasets live under data/ and are shared by every experiment that names them, so two
+# experiments may share one only with identical data settings.
+DATASETS = {}
+for experiment, cfg in CONFIGS.items():
+    name = cfg.data.name
+    if cfg.data.raw_dir != f"data/raw/{name}" or cfg.data.processed_dir != f"data/processed/{name}":
+        raise WorkflowError(
+            f"experiment {experiment}: the workflow keeps dataset {name} in data/raw/{name} and "
+            f"data/processed/{name}; drop the data.raw_dir/data.processed_dir overrides (link data/raw/{name} "
+            "to files elsewhere instead)."
+        )
+    first = DATASETS.setdefault(name, experiment)
+    if data_settings(CONFIGS[first]) != data_settings(cfg):
+        raise WorkflowError(
+            f"experiments {first} and {experiment} use dataset {name} with different data settings or seeds; "
+            "give one of them its own data.name."
+        )
+
+
 def hydra_args(wildcards):
     """The preset and extra overrides of one experiment, quoted for the shell."""
-    overrides = [f"experiment={wildcards.experiment}", *config["experiments"][wildcards.experiment]]
-    return " ".join(shlex.quote(override) for override in overrides)
+    return " ".join(shlex.quote(override) for override in hydra_overrides(wildcards.experiment))
+
+
+def dataset_hydra_args(wildcards):
+    """The overrides of the experiment that makes a dataset's files, quoted for the shell."""
+    return " ".join(shlex.quote(override) for override in hydra_overrides(DATASETS[wildcards.dataset]))
+
+
+def dataset_settings(wildcards):
+    """A dataset's settings, a parameter of the data rules so that changing them reruns exactly those."""
+    return data_settings(CONFIGS[DATASETS[wildcards.dataset]])
+
+
+def raw_files(wildcards):
+    """The raw files a dataset's preprocessing reads: generated shards, or the download record."""
+    data = CONFIGS[DATASETS[wildcards.dataset]].data
+    if Source(data.source) == Source.pythia:
+        return expand(
+            "data/raw/{dataset}/{class_name}_{shard:03d}.root",
+            dataset=wildcards.dataset, class_name=data.class_names, shard=range(data.generator.n_shards),
+        )
+    return [f"data/raw/{wildcards.dataset}/download.json"]
+
+
+def processed_files(experiment):
+    name = CONFIGS[experiment].data.name
+    return expand("data/processed/{dataset}/{split}.h5", dataset=name, split=["train", "val", "test"])

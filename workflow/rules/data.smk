@@ -1,0 +1,68 @@
+# Data rules: raw files (generated offline or downloaded) -> padded sets. Datasets live under data/
+# and are made once for every experiment that uses them (see DATASETS in common.smk).
+
+
+rule generate:
+    """Generate one shard of one jet class with Pythia 8 + FastJet (no internet needed)."""
+    output:
+        "data/raw/{dataset}/{class_name}_{shard}.root",
+    wildcard_constraints:
+        class_name=r"[a-z]+",
+        shard=r"\d{3}",
+    params:
+        hydra=dataset_hydra_args,
+        settings=dataset_settings,
+        shard=lambda wildcards: int(wildcards.shard),
+    log:
+        "data/raw/{dataset}/logs/generate_{class_name}_{shard}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m pipeline.generate {params.hydra} data.generator.class_name={wildcards.class_name}"
+        " data.generator.shard={params.shard} > {log} 2>&1"
+
+
+rule download:
+    """Download a public dataset's raw files (and verify their checksums)."""
+    output:
+        "data/raw/{dataset}/download.json",
+    params:
+        hydra=dataset_hydra_args,
+        settings=dataset_settings,
+    log:
+        "data/raw/{dataset}/logs/download.log",
+    resources:
+        mem_mb=1000,
+        runtime=600,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m pipeline.download {params.hydra} > {log} 2>&1"
+
+
+rule preprocess:
+    """Turn a dataset's raw files into train/val/test sets files and normalisation statistics."""
+    input:
+        raw_files,
+    output:
+        train="data/processed/{dataset}/train.h5",
+        val="data/processed/{dataset}/val.h5",
+        test="data/processed/{dataset}/test.h5",
+        normalisation="data/processed/{dataset}/normalisation.json",
+    params:
+        hydra=dataset_hydra_args,
+        settings=dataset_settings,
+    log:
+        "data/processed/{dataset}/logs/preprocess.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m pipeline.preprocess {params.hydra} > {log} 2>&1"
