@@ -12,10 +12,14 @@ import tarfile
 import threading
 
 import mlflow
+import numpy as np
 import pytest
 
 from conftest import compose_config, run_stage
+from jet_files import EMPTY_JET, NAN_JET, expected_sets, random_jets, sort_by_jet_pt, write_jetnet
 from pipeline import download
+from pipeline.preprocess import preprocess
+from pipeline.sets import read_sets
 
 JETNET_FILES = ["g.hdf5", "q.hdf5", "t.hdf5", "w.hdf5", "z.hdf5"]  # data=jetnet30
 CONTENTS = {name: random.Random(name).randbytes(40_000 + 1_000 * index) for index, name in enumerate(JETNET_FILES)}
@@ -313,3 +317,31 @@ def test_every_public_dataset_config_is_downloadable(tmp_path, dataset):
     assert set(data.class_names) <= set(data.labels)
     if dataset.startswith("jetnet"):
         assert set(data.labels.values()) == set(data.files)  # a class's label is its file
+
+
+def test_downloaded_files_preprocess_to_the_expected_sets(tmp_path, server, capsys):
+    """Real JetNet-format files served over HTTP, one transfer cut halfway: download, then
+    preprocess, and compare the sets value by value with the jets the files were made from."""
+    rng = np.random.default_rng(5)
+    jets, labels, bodies = [], [], {}
+    for index, name in enumerate(JETNET_FILES):
+        class_jets = [jet for i, jet in enumerate(random_jets(rng, 8)) if i not in (EMPTY_JET, NAN_JET)]
+        write_jetnet(tmp_path / name, class_jets, n_slots=30, rng=rng)
+        bodies[name] = (tmp_path / name).read_bytes()
+        jets += class_jets
+        labels += [index] * len(class_jets)
+    server.files.update({url_path("jetnet30", name): body for name, body in bodies.items()})
+    server.cut_after[url_path("jetnet30", "t.hdf5")] = len(bodies["t.hdf5"]) // 2
+    raw, processed = tmp_path / "raw", tmp_path / "processed"
+    overrides = ["data=jetnet30", f"data.base_url={server.url}", f"data.raw_dir={raw}", f"data.processed_dir={processed}",
+                 hash_overrides({name: sha256(body) for name, body in bodies.items()})]
+    assert run_in_process(capsys, *overrides)[0] == 0
+    assert any(path.endswith("t.hdf5") and header for path, header in server.requests)  # resumed with Range
+    preprocess(compose_config(*overrides, "data.n_max=8"), processed, progress=False)
+    splits = [read_sets(processed / f"{split}.h5") for split in ("train", "val", "test")]
+    got = sort_by_jet_pt({name: np.concatenate([sets[name] for sets in splits]) for name in ("particles", "mask", "jets", "labels")})
+    expected = expected_sets(jets, labels, 8)
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    np.testing.assert_array_equal(got["mask"], expected["mask"])
+    np.testing.assert_allclose(got["particles"], expected["particles"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(got["jets"], expected["jets"], rtol=1e-4, atol=1e-3)
