@@ -139,7 +139,10 @@ class TrainConfig:
     log_every: int = 50
     val_every: int = 1_000
     checkpoint_every: int = 1_000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the latest k are kept, and the best by val NELBO besides
+    val_jets: int = 2_048  # val sets scored for the NELBO (the first ones of the val split)
+    val_nelbo_samples: int = 4  # Monte-Carlo time samples per set for the val NELBO
+    padding_aware: bool = True  # cut each batch to its largest multiplicity (rounded up to a bucket)
 
 
 @dataclass

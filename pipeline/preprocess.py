@@ -31,7 +31,6 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Full, Queue
 from typing import Callable, Iterator
 
 import awkward as ak
@@ -44,6 +43,7 @@ import uproot
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from .background import in_background
 from .config import Config, Source
 from .jets import four_momentum_from_pt_y_phi, jet_kinematics, relative_coordinates, transverse_momentum, wrap_phi
 from .sets import write_sets
@@ -447,37 +447,6 @@ def convert_chunk(reader, loaded_pieces: list, n_max: int) -> tuple[dict[str, np
     arrays = {name: np.concatenate([piece[name] for piece, _ in converted]) for name in converted[0][0]}
     dropped = {reason: sum(counts[reason] for _, counts in converted) for reason in DROP_REASONS}
     return arrays, dropped
-
-
-def in_background(items: Iterator, stop: threading.Event) -> Iterator:
-    """Iterate ``items`` in a thread of its own, at most one item ahead of the consumer; the
-    producer's exception is raised in the consumer. Setting ``stop`` ends the thread."""
-    queue: Queue = Queue(maxsize=1)
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put((item, None), timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
-                    return
-            queue.put((done, None))
-        except BaseException as error:  # handed to the consumer, which raises it
-            queue.put((done, error))
-
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item, error = queue.get()
-        if error is not None:
-            raise error
-        if item is done:
-            return
-        yield item
 
 
 def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> tuple[dict, list[dict]]:

@@ -61,20 +61,21 @@ def atomic_output(path: str | os.PathLike, mode: str = "w"):
 
 
 @contextmanager
-def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = None, config_file: str = "config.yaml"):
+def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = None, config_file: str = "config.yaml",
+          *, resume_run_id: str | None = None):
     """Run one execution of stage ``name``: yields its output folder, inside an MLflow run.
 
     The output folder is Hydra's run dir unless ``output_dir`` is given (the data stages write
     under ``data/``, shared by every experiment). The resolved config is written there first, as
     ``config_file``. A ``PipelineError`` is reported as one line on stderr and exit status 2 (the
-    MLflow run is marked FAILED).
+    MLflow run is marked FAILED). ``resume_run_id`` continues an earlier MLflow run.
     """
     output_dir = Path(output_dir if output_dir is not None else HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(output_dir / config_file) as file:
         file.write(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        with stage_run(cfg.name, name, cfg):
+        with stage_run(cfg.name, name, cfg, resume_run_id=resume_run_id):
             yield output_dir
     except PipelineError as error:
         print(f"{name}: error: {error}", file=sys.stderr)

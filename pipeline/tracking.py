@@ -197,9 +197,15 @@ def execution_id() -> str:
     return execution
 
 
+class Interrupted(SystemExit):
+    """A stage stopped on request (SIGTERM, SIGUSR1) after saving what it needs to resume: its
+    MLflow run ends KILLED, not FAILED, and the process exits with ``code``."""
+
+
 @contextmanager
 def stage_run(
-    experiment: str, stage: str, config: Mapping, *, tags: Mapping[str, str] | None = None
+    experiment: str, stage: str, config: Mapping, *, tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Run]:
     """Run one stage execution inside an MLflow run; yields the active run.
 
@@ -208,23 +214,28 @@ def stage_run(
     ``pipeline.stage`` and ``pipeline.execution`` (:func:`execution_id`). Logs the flattened
     config as params, in batches within MLflow's per-request limit, and the resolved config as the
     artifact ``config.yaml``. The run ends FINISHED, or FAILED when the block raises (KILLED on
-    Ctrl-C); the exception propagates.
+    Ctrl-C or :class:`Interrupted`); the exception propagates. ``resume_run_id`` continues that
+    run instead (a resumed training): its params stay as first logged.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, uri)
     run_tags = {**(tags or {}), STAGE_TAG: stage, EXECUTION_TAG: execution_id()}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags)
+    if resume_run_id is not None:
+        run = mlflow.start_run(run_id=resume_run_id, tags=run_tags)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags)
     try:
-        params = [Param(key, value) for key, value in flatten_config(config).items()]
-        client = MlflowClient(uri)
-        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-            batch = params[start : start + MAX_PARAMS_TAGS_PER_BATCH]
-            client.log_batch(run.info.run_id, params=batch)
+        if resume_run_id is None:
+            params = [Param(key, value) for key, value in flatten_config(config).items()]
+            client = MlflowClient(uri)
+            for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+                batch = params[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+                client.log_batch(run.info.run_id, params=batch)
         mlflow.log_text(OmegaConf.to_yaml(_resolved(config)), CONFIG_ARTIFACT)
         yield run
     except BaseException as error:
-        interrupted = isinstance(error, KeyboardInterrupt)
+        interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))

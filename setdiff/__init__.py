@@ -20,7 +20,7 @@ from .schedules import (
     LearnedMonotonicSchedule,
     make_schedule,
 )
-from .training import TrainState, create_train_state, fit, init_params, make_optimizer, train_step
+from .training import TrainState, create_train_state, fit, init_params, learning_rate_schedule, make_optimizer, train_step
 from .vdm import VDM, ELBOTerms, nelbo, vdm_loss
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "TrainState",
     "init_params",
     "create_train_state",
+    "learning_rate_schedule",
     "make_optimizer",
     "train_step",
     "fit",

@@ -26,6 +26,16 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
 
 
+def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """Linear warmup over ``warmup_steps`` to ``learning_rate``, then cosine decay to zero at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup_steps else learning_rate,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+    )
+
+
 def make_optimizer(
     learning_rate: float,
     total_steps: int,
@@ -33,14 +43,9 @@ def make_optimizer(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
 ) -> optax.GradientTransformation:
-    """AdamW (Loshchilov & Hutter, arXiv:1711.05101) with linear warmup then cosine decay to zero,
-    after clipping the global gradient norm to ``grad_clip``."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else learning_rate,
-        peak_value=learning_rate,
-        warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1),
-    )
+    """AdamW (Loshchilov & Hutter, arXiv:1711.05101) on :func:`learning_rate_schedule`, after
+    clipping the global gradient norm to ``grad_clip``."""
+    schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
 
 

@@ -1,0 +1,108 @@
+"""Training batches from a processed split: normalised, shuffled per epoch, cut to their padding, sharded.
+
+A split (``pipeline.sets``) is held in host memory as the model sees it: particle features
+standardised with the train split's ``normalisation.json`` (padding stays exactly zero) and, when
+the model is conditioned on them, the standardised jet features as context. Batch ``b`` of the
+whole run (``epoch = b // batches_per_epoch``) takes rows of a permutation seeded by ``(seed,
+epoch)``, so the batch sequence is a pure function of the seed and the step: a resumed run sees the
+same batches as an uninterrupted one. Incomplete last batches of an epoch are dropped.
+
+Padding-aware batching: a batch is cut to the largest multiplicity among its sets, rounded up to
+a bucket (``bucket_sizes``), so attention costs ~ n_used^2 instead of n_max^2 and only a few shapes
+are ever compiled. Padded elements contribute nothing to the loss (``setdiff``), so a cut batch has
+exactly the loss of the full one.
+
+With several processes (multi-host training), process ``p`` of ``P`` takes rows ``p*B/P`` to
+``(p+1)*B/P`` of each global batch of ``B`` sets; every process computes the same bucket from the
+whole batch's multiplicities. The rows are then split over the process's devices:
+``[n_local_devices, B / (P * n_local_devices), ...]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .sets import read_sets
+from .stage import PipelineError
+
+
+def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
+    """Powers of two from ``smallest`` below ``n_max``, then ``n_max``: at most ~log2(n_max) shapes."""
+    sizes = []
+    size = smallest
+    while size < n_max:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, n_max]
+
+
+class SetsSplit:
+    """One split of a processed dataset, normalised for the model, in host memory."""
+
+    def __init__(self, path: Path, normalisation_path: Path, use_context: bool):
+        sets = read_sets(path)
+        normalisation = json.loads(Path(normalisation_path).read_text())
+        self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
+        mean = np.array([normalisation["particles"][name]["mean"] for name in self.feature_names], np.float32)
+        std = np.array([normalisation["particles"][name]["std"] for name in self.feature_names], np.float32)
+        if not (std > 0).all():
+            raise PipelineError(f"{normalisation_path} has a zero standard deviation; the train split is degenerate, preprocess more jets.")
+        self.mask = sets["mask"]
+        self.x = ((sets["particles"] - mean) / std * self.mask[..., None]).astype(np.float32)
+        self.labels = sets["labels"].astype(np.int32)
+        self.multiplicity = self.mask.sum(axis=1)
+        self.context = None
+        if use_context:
+            jet_names = list(sets["jet_feature_names"])
+            jet_mean = np.array([normalisation["jets"][name]["mean"] for name in jet_names], np.float32)
+            jet_std = np.array([normalisation["jets"][name]["std"] for name in jet_names], np.float32)
+            self.context = ((sets["jets"] - jet_mean) / np.where(jet_std > 0, jet_std, 1.0)).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, index: np.ndarray, n_used: int) -> dict[str, np.ndarray]:
+        batch = {"x": self.x[index, :n_used], "mask": self.mask[index, :n_used], "labels": self.labels[index]}
+        if self.context is not None:
+            batch["context"] = self.context[index]
+        return batch
+
+
+class TrainBatches:
+    """The batch of every training step, for this process and sharded over its devices."""
+
+    def __init__(self, split: SetsSplit, batch_size: int, seed: int, n_local_devices: int,
+                 process_index: int = 0, process_count: int = 1, padding_aware: bool = True):
+        n_devices = n_local_devices * process_count
+        if batch_size % n_devices:
+            raise PipelineError(
+                f"train.batch_size={batch_size} does not divide over {n_devices} devices; choose a multiple of {n_devices}."
+            )
+        self.batches_per_epoch = len(split) // batch_size
+        if self.batches_per_epoch == 0:
+            raise PipelineError(f"the train split has {len(split)} jets, fewer than train.batch_size={batch_size}; lower it.")
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.n_local_devices, self.process_index, self.process_count = n_local_devices, process_index, process_count
+        n_max = split.mask.shape[1]
+        self.buckets = np.array(bucket_sizes(n_max) if padding_aware else [n_max])
+        self._permutation_epoch, self._permutation = -1, None
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """Row indices of the global batch of ``step``."""
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if epoch != self._permutation_epoch:
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+            self._permutation_epoch = epoch
+        return self._permutation[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.global_rows(step)
+        largest = int(self.split.multiplicity[rows].max())
+        n_used = int(self.buckets[np.searchsorted(self.buckets, largest)])
+        per_process = self.batch_size // self.process_count
+        own = rows[self.process_index * per_process : (self.process_index + 1) * per_process]
+        batch = self.split.rows(own, n_used)
+        return {name: array.reshape(self.n_local_devices, -1, *array.shape[1:]) for name, array in batch.items()}

@@ -1,0 +1,280 @@
+"""Training stage: data-parallel training of the transformer-guided VDM on a processed jet dataset.
+
+``python -m pipeline.train experiment=<name> [overrides]`` trains ``setdiff``'s VDM (Kingma et al.
+2021, arXiv:2107.00630) on ``data.processed_dir/train.h5`` (batches: ``pipeline.input_pipeline``)
+with ``jax.pmap`` over every local device: the state is replicated, each device takes a shard of
+the global batch, and ``setdiff.train_step`` sums gradients and metrics over the ``devices`` axis
+with the loss normalised by the global count of real dimensions, so any number of devices makes
+the update of one device with the whole batch (every set draws its noise from its global index).
+Under SLURM with several tasks, or with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` set, the processes first join with ``jax.distributed.initialize()``; each reads
+its own rows of every batch, and only process 0 logs to MLflow.
+
+Optimiser: AdamW, linear warmup then cosine decay, global-norm clipping; an EMA of the parameters
+is kept for sampling and validation. Every ``train.val_every`` steps the val NELBO (bits per
+dimension, EMA parameters, fixed sets and noise) is computed; orbax keeps the latest
+``train.keep_checkpoints`` checkpoints and the best by val NELBO.
+
+Resuming: running the same command again continues from the latest checkpoint, in the same MLflow
+run. The batch and the noise of step ``s`` depend only on the seed and ``s``, so a resumed run
+computes exactly the steps of an uninterrupted one. SIGTERM or SIGUSR1 (what SLURM sends before
+preemption or the time limit) saves a checkpoint and exits with status 128 + the signal number.
+A NaN or infinite loss stops the run with the step it happened at; checkpoints are only written
+after the losses since the previous one were checked, so the last one is good.
+
+Outputs in ``results/<experiment>/train/``: ``checkpoints/{latest,best}/<step>/`` and
+``checkpoint.json`` (the final step, the paths of the latest and best checkpoints, the best val
+NELBO, the MLflow run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import hydra
+import jax
+import mlflow
+import numpy as np
+import orbax.checkpoint as ocp
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from setdiff import create_train_state, learning_rate_schedule, make_optimizer, nelbo, train_step
+
+from .background import in_background
+from .config import Config
+from .input_pipeline import SetsSplit, TrainBatches
+from .model import build_vdm
+from .stage import PipelineError, atomic_output, stage
+from .tracking import Interrupted
+
+AXIS = "devices"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+
+
+def join_processes() -> None:
+    """Join the other processes of a multi-process job, before any device is touched."""
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives between CPU processes
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()  # JAX reads the SLURM environment
+
+
+def replicate(tree):
+    """One copy of ``tree`` on every local device (leading axis), as ``pmap`` takes it."""
+    n = jax.local_device_count()
+    return jax.pmap(lambda x: x)(jax.tree.map(lambda leaf: np.broadcast_to(np.asarray(leaf), (n, *np.shape(leaf))), tree))
+
+
+def unreplicate(tree):
+    """The host copy of a replicated tree: this process's first device's copy, read without any
+    computation (indexing a ``pmap`` output would launch one across every process)."""
+    return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)).reshape(leaf.shape[1:]), tree)
+
+
+class Checkpoints:
+    """The latest ``keep`` checkpoints and the best one by val NELBO (orbax ``CheckpointManager``s)."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory = directory.absolute()
+        self.latest = ocp.CheckpointManager(
+            self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+        )
+        self.best = ocp.CheckpointManager(
+            self.directory / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda metrics: metrics["val_nelbo_bpd"], best_mode="min", enable_async_checkpointing=False,
+            ),
+        )
+
+    def save(self, step: int, state, val_nelbo: float | None = None) -> None:
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=ocp.args.StandardSave(state))
+        if val_nelbo is not None and self.best.latest_step() != step:
+            self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_nelbo_bpd": val_nelbo})
+
+    def restore_latest(self, like):
+        """The latest saved state (shaped like ``like``), or ``None`` when there is none."""
+        step = self.latest.latest_step()
+        return None if step is None else self.latest.restore(step, args=ocp.args.StandardRestore(like))
+
+    def paths(self) -> dict:
+        latest, best = self.latest.latest_step(), self.best.best_step()
+        return {
+            "latest": None if latest is None else str(self.directory / "latest" / str(latest)),
+            "best": None if best is None else str(self.directory / "best" / str(best)),
+        }
+
+
+def load_checkpoint(path) -> dict:
+    """A saved training state as a tree of numpy arrays (``step, params, ema_params, opt_state``),
+    from a checkpoint folder named in ``checkpoint.json``."""
+    return ocp.StandardCheckpointer().restore(Path(path).absolute() / "default")  # CheckpointManager's item name
+
+
+class StopRequest:
+    """Remembers SIGTERM / SIGUSR1 so the training loop can save and stop between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        return self
+
+    def _handle(self, number, frame):
+        self.signal = number
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def val_nelbo_scorer(model, split: SetsSplit, n_sets: int, batch_size: int, n_samples: int, seed: int):
+    """A function of the parameters giving the mean NELBO (bits per dimension) of the first
+    ``n_sets`` sets of ``split``, with the same noise every call so scores compare across steps."""
+    score = jax.jit(lambda params, batch: nelbo(model, params, jax.random.PRNGKey(seed), batch["x"], batch["mask"],
+                                                batch["labels"], batch.get("context"), n_samples=n_samples))
+    rows = np.arange(min(n_sets, len(split)))
+    batches = [split.rows(rows[start : start + batch_size], split.mask.shape[1]) for start in range(0, len(rows), batch_size)]
+
+    def mean_nelbo(params) -> float:
+        return float(np.concatenate([np.asarray(score(params, batch)) for batch in batches]).mean())
+
+    return mean_nelbo
+
+
+def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = True) -> dict:
+    """Train to ``cfg.train.steps`` steps, from the latest checkpoint in ``output_dir`` if any.
+    Returns a summary: final step, checkpoint paths, best val NELBO."""
+    processed = Path(cfg.data.processed_dir)
+    for name in ("train.h5", "val.h5", "normalisation.json"):
+        if not (processed / name).is_file():
+            raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
+    use_context = cfg.model.use_jet_context
+    train_split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context)
+    val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context)
+    batches = TrainBatches(train_split, cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(),
+                           jax.process_count(), cfg.train.padding_aware)
+    model = build_vdm(cfg.model, data_dim=train_split.x.shape[-1], n_classes=len(train_split.class_names))
+    train_cfg = cfg.train
+    optimizer = make_optimizer(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps, train_cfg.weight_decay, train_cfg.grad_clip)
+    schedule = learning_rate_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps)
+    init_key, noise_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    example = {name: array[0] for name, array in batches(0).items()}
+    state = jax.device_get(create_train_state(model, init_key, example, optimizer))
+    checkpoints = Checkpoints(output_dir / "checkpoints", train_cfg.keep_checkpoints)
+    state = checkpoints.restore_latest(state) or state
+    start_step = int(state.step)
+    replicated = replicate(state)
+    p_train_step = jax.pmap(
+        partial(train_step, model=model, optimizer=optimizer, ema_decay=train_cfg.ema_decay, axis_name=AXIS),
+        axis_name=AXIS, donate_argnums=(0,),
+    )
+    validate = val_nelbo_scorer(model, val_split, train_cfg.val_jets, train_cfg.batch_size, train_cfg.val_nelbo_samples, cfg.seed)
+    n_local = jax.local_device_count()
+    interactive = progress and sys.stderr.isatty()
+    best_val = None
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked and logged
+    stop = threading.Event()
+    upcoming = in_background(((step, batches(step)) for step in range(start_step, train_cfg.steps)), stop)
+
+    def check_and_log(seconds: float) -> None:
+        """Fetch the pending metrics, stop on a non-finite loss, log them (process 0)."""
+        if not pending:
+            return
+        fetched = [unreplicate(metrics) for _, metrics in pending]  # averaged with pmean: every device holds the same
+        for (step, _), metrics in zip(pending, fetched):
+            loss = float(metrics["loss_bpd"])
+            if not np.isfinite(loss):
+                good = checkpoints.latest.latest_step()
+                raise PipelineError(
+                    f"the loss became {loss} at step {step + 1}; the last good checkpoint (step {good}) is intact: "
+                    "lower train.learning_rate or check the data, then run again to resume from it."
+                )
+        last_step = pending[-1][0] + 1
+        values = {name: float(value) for name, value in fetched[-1].items()}
+        values["learning_rate"] = float(schedule(last_step - 1))
+        values["jets_per_s"] = len(pending) * train_cfg.batch_size / max(seconds, 1e-9)
+        if primary:
+            mlflow.log_metrics(values, step=last_step)
+            if not interactive:
+                print(f"train: step {last_step}/{train_cfg.steps} loss {values['loss_bpd']:.4f} bpd "
+                      f"{values['jets_per_s']:.0f} jets/s", flush=True)
+        bar.set_postfix(loss=f"{values['loss_bpd']:.3f}", jets_per_s=f"{values['jets_per_s']:.0f}")
+        pending.clear()
+
+    with StopRequest() as stop_request, tqdm(total=train_cfg.steps, initial=start_step, desc="train", unit="step",
+                                             disable=not interactive) as bar:
+        try:
+            interval_start = time.perf_counter()
+            for step, batch in upcoming:
+                if stop_request.signal is not None:
+                    check_and_log(time.perf_counter() - interval_start)
+                    checkpoints.save(step, unreplicate(replicated))
+                    raise Interrupted(128 + stop_request.signal)
+                rng = np.broadcast_to(np.asarray(jax.random.fold_in(noise_key, step)), (n_local, 2))
+                replicated, metrics = p_train_step(replicated, batch, rng)
+                pending.append((step, metrics))
+                bar.update(1)
+                done = step + 1
+                at = lambda every: done % every == 0 or done == train_cfg.steps  # noqa: E731
+                if not (at(train_cfg.log_every) or at(train_cfg.val_every) or at(train_cfg.checkpoint_every)):
+                    continue
+                check_and_log(time.perf_counter() - interval_start)
+                val_nelbo = None
+                if at(train_cfg.val_every):
+                    val_nelbo = validate(unreplicate(replicated.ema_params))
+                    best_val = val_nelbo if best_val is None else min(best_val, val_nelbo)
+                    if primary:
+                        mlflow.log_metric("val_nelbo_bpd", val_nelbo, step=done)
+                if at(train_cfg.checkpoint_every) or val_nelbo is not None:
+                    checkpoints.save(done, unreplicate(replicated), val_nelbo)
+                interval_start = time.perf_counter()  # throughput counts training steps only
+        finally:
+            stop.set()
+    final_step = int(unreplicate(replicated.step))
+    if start_step >= train_cfg.steps:
+        print(f"train: already at step {final_step} of {train_cfg.steps}; nothing to do", flush=True)
+    return {"step": final_step, **checkpoints.paths(), "best_val_nelbo_bpd": best_val}
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: Config) -> None:
+    join_processes()
+    output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    if jax.process_index() != 0:
+        train(cfg, output_dir, primary=False, progress=False)
+        return
+    run_id_file = output_dir / "mlflow_run_id"
+    resume = run_id_file.read_text().strip() if run_id_file.exists() and (output_dir / "checkpoints" / "latest").exists() else None
+    with stage("train", cfg, resume_run_id=resume) as output_dir:
+        with atomic_output(run_id_file) as file:
+            file.write(mlflow.active_run().info.run_id)
+        summary = train(cfg, output_dir, primary=True)
+        summary["mlflow_run_id"] = mlflow.active_run().info.run_id
+        with atomic_output(output_dir / "checkpoint.json") as file:
+            json.dump(summary, file, indent=2)
+        mlflow.log_dict(summary, "checkpoint.json")
+        print(f"train: step {summary['step']}; latest checkpoint {summary['latest']}; best {summary['best']} "
+              f"(val NELBO {summary['best_val_nelbo_bpd']})")
+
+
+if __name__ == "__main__":
+    main()

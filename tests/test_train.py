@@ -1,0 +1,174 @@
+"""Training stage: device-count equivalence, resume after SIGTERM, NaN guard, padding-aware batches,
+and two processes joined with jax.distributed. Several CPU devices are simulated with XLA_FLAGS."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT, compose_config
+from jet_files import random_jets, write_root
+from pipeline.input_pipeline import SetsSplit, TrainBatches
+from pipeline.model import build_vdm
+from pipeline.preprocess import preprocess
+from pipeline.train import load_checkpoint
+from setdiff import init_params, vdm_loss
+
+STEPS = 12
+TRAIN = [
+    "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "train.batch_size=8", "train.warmup_steps=2",
+    "train.log_every=2", "train.val_every=6", "train.checkpoint_every=6", "train.val_jets=16",
+]
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """A small processed dataset (3 classes x 40 jets, up to 14 particles, n_max 30)."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    (folder / "raw").mkdir()
+    for name in ("g", "q", "t"):
+        jets = [jet for jet in random_jets(rng, 40) if len(jet) and np.isfinite(jet).all()]
+        write_root(folder / "raw" / f"{name}_000.root", jets, {f"label_{other}": [other == name] * len(jets) for other in "gqtwz"})
+    cfg = compose_config(f"data.raw_dir={folder / 'raw'}", f"data.processed_dir={folder / 'processed'}", "data.generator.n_shards=1")
+    preprocess(cfg, folder / "processed", progress=False)
+    return folder / "processed"
+
+
+def train(results, processed, *overrides, devices=1, env=None, wait=True):
+    command = [sys.executable, "-m", "pipeline.train", f"results_dir={results}", f"data.processed_dir={processed}",
+               f"train.steps={STEPS}", *TRAIN, *overrides]
+    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def final_params(results, which="latest"):
+    summary = json.loads((results / "train" / "checkpoint.json").read_text())
+    return load_checkpoint(summary[which])["params"], summary
+
+
+def assert_same_params(a, b, rtol=1e-5, atol=1e-6):
+    """Equal to float32 tolerance. The attention key bias is the exception: it shifts every logit
+    of a query alike, so softmax makes its true gradient zero and what Adam does with the rounding
+    noise left in it (~1e-5 steps) depends on the summation order; it is checked at that scale."""
+    flat_a, flat_b = (dict(jax_leaves(tree)) for tree in (a, b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        noise_only = key.endswith("/key/bias")
+        np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=rtol, atol=1e-4 if noise_only else atol, err_msg=key)
+
+
+def jax_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from jax_leaves(value, f"{prefix}/{key}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, processed):
+    """An uninterrupted one-device run of STEPS steps."""
+    results = tmp_path_factory.mktemp("reference")
+    result = train(results, processed)
+    assert result.returncode == 0, result.stderr
+    return results
+
+
+def test_four_devices_make_the_updates_of_one(tmp_path, processed, reference):
+    result = train(tmp_path, processed, devices=4)
+    assert result.returncode == 0, result.stderr
+    four, summary = final_params(tmp_path)
+    one, _ = final_params(reference)
+    assert summary["step"] == STEPS
+    assert_same_params(four, one)
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, processed):
+    result = train(tmp_path, processed, "train.batch_size=6", devices=4)
+    assert result.returncode == 2
+    assert "train.batch_size=6" in result.stderr and "4 devices" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_and_the_same_command_resumes_to_the_same_parameters(tmp_path, processed):
+    long = ["train.steps=300", "train.checkpoint_every=1000", "train.val_every=1000"]
+    uninterrupted = train(tmp_path / "uninterrupted", processed, *long)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    process = train(tmp_path / "resumed", processed, *long, wait=False)
+    for line in process.stdout:  # plain log lines (not a terminal): wait until training runs
+        if "train: step 4/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    saved = sorted(int(path.name) for path in (tmp_path / "resumed" / "train" / "checkpoints" / "latest").iterdir())
+    assert saved and 4 <= saved[-1] < 300
+    result = train(tmp_path / "resumed", processed, *long)  # the same command again
+    assert result.returncode == 0, result.stderr
+    resumed, summary = final_params(tmp_path / "resumed")
+    assert summary["step"] == 300
+    assert_same_params(resumed, final_params(tmp_path / "uninterrupted")[0], rtol=1e-6, atol=1e-7)
+    runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'train'")
+    resumed_runs = runs[runs["run_id"] == summary["mlflow_run_id"]]
+    assert len(runs) == 2 and len(resumed_runs) == 1  # the resumed training continued its MLflow run
+    assert resumed_runs["status"].iloc[0] == "FINISHED"
+
+
+def test_a_nan_loss_stops_with_its_step_and_the_last_checkpoint_is_good(tmp_path, processed):
+    corrupted = tmp_path / "processed"
+    corrupted.mkdir()
+    for name in ("train.h5", "val.h5", "normalisation.json"):
+        (corrupted / name).write_bytes((processed / name).read_bytes())
+    result = train(tmp_path, corrupted, "train.steps=6")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(corrupted / "train.h5", "r+") as file:
+        file["particles"][...] = np.nan
+    result = train(tmp_path, corrupted)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "at step 7" in message and "checkpoint (step 6)" in message and "Traceback" not in result.stderr
+    restored = load_checkpoint(tmp_path / "train" / "checkpoints" / "latest" / "6")
+    assert all(np.isfinite(leaf).all() for _, leaf in jax_leaves(restored["params"]))
+    assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["6"]
+
+
+def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
+    import jax
+
+    cfg = compose_config(*TRAIN)
+    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
+    cut, full = (TrainBatches(split, 8, 0, 1, padding_aware=aware) for aware in (True, False))
+    model = build_vdm(cfg.model, data_dim=3, n_classes=3)
+    params = init_params(model, jax.random.PRNGKey(0), {name: array[0] for name, array in full(0).items()})
+    for step in range(3):
+        small, big = ({name: array[0] for name, array in batches(step).items()} for batches in (cut, full))
+        assert small["x"].shape[1] < big["x"].shape[1] == 30  # the cut really happened
+        losses = [vdm_loss(model, params, jax.random.PRNGKey(step), b["x"], b["mask"], b["labels"])[0] for b in (small, big)]
+        np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_two_processes_train_together_like_one(tmp_path, processed, reference):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        train(tmp_path, processed, devices=2, wait=False,
+              env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)})
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    assert_same_params(final_params(tmp_path)[0], final_params(reference)[0])
