@@ -14,10 +14,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
         expand("results/{experiment}/toy/metrics.json", experiment=EXPERIMENTS),
-        [processed_files(experiment) for experiment in EXPERIMENTS],
+        expand("results/{experiment}/train/checkpoint.json", experiment=EXPERIMENTS),

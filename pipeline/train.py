@@ -44,7 +44,7 @@ import jax
 import mlflow
 import numpy as np
 import orbax.checkpoint as ocp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from setdiff import create_train_state, learning_rate_schedule, make_optimizer, nelbo, train_step
@@ -54,13 +54,35 @@ from .config import Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .stage import PipelineError, atomic_output, stage
-from .tracking import Interrupted
+from .tracking import Interrupted, flatten_config
 
 AXIS = "devices"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+
+
+# Settings that may change when a run is resumed; any other change would make the checkpoint belong
+# to a different run (a changed train.steps also reshapes the cosine decay from the resume on).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "data.raw_dir", "data.processed_dir")
+
+
+def check_resumable(previous_config: Path, cfg: DictConfig) -> None:
+    """Refuse to resume from checkpoints that another configuration made."""
+    def trajectory_settings(config) -> dict:
+        return {key: value for key, value in flatten_config(config).items()
+                if key.split(".")[0] in ("data", "model", "train", "seed") and key not in RESUMABLE_CHANGES}
+
+    before, now = trajectory_settings(OmegaConf.load(previous_config)), trajectory_settings(cfg)
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        details = ", ".join(f"{key} {before.get(key, 'unset')} -> {now.get(key, 'unset')}" for key in changed[:3])
+        raise PipelineError(
+            f"{previous_config.parent} holds checkpoints of a run with other settings ({details}); "
+            "run with the same settings to resume it, or delete that folder (or set results_dir) to start afresh."
+        )
 
 
 def join_processes() -> None:
@@ -259,11 +281,17 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
 def main(cfg: Config) -> None:
     join_processes()
     output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    if jax.process_index() != 0:
-        train(cfg, output_dir, primary=False, progress=False)
-        return
     run_id_file = output_dir / "mlflow_run_id"
     resume = run_id_file.read_text().strip() if run_id_file.exists() and (output_dir / "checkpoints" / "latest").exists() else None
+    try:
+        if resume:
+            check_resumable(output_dir / "config.yaml", cfg)
+        if jax.process_index() != 0:  # a helper of process 0: trains, neither logs nor writes outputs
+            train(cfg, output_dir, primary=False, progress=False)
+            return
+    except PipelineError as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     with stage("train", cfg, resume_run_id=resume) as output_dir:
         with atomic_output(run_id_file) as file:
             file.write(mlflow.active_run().info.run_id)

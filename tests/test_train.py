@@ -126,6 +126,17 @@ def test_sigterm_saves_and_the_same_command_resumes_to_the_same_parameters(tmp_p
     assert resumed_runs["status"].iloc[0] == "FINISHED"
 
 
+def test_resuming_with_other_settings_is_refused_and_more_steps_continue(tmp_path, processed):
+    assert train(tmp_path, processed, "train.steps=2").returncode == 0
+    result = train(tmp_path, processed, "train.steps=4", "model.d_model=32")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.d_model 16 -> 32" in result.stderr.strip().splitlines()[-1]
+    result = train(tmp_path, processed, "train.steps=4")  # a longer run of the same settings resumes
+    assert result.returncode == 0, result.stderr
+    assert final_params(tmp_path)[1]["step"] == 4
+    assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["2", "4"]
+
+
 def test_a_nan_loss_stops_with_its_step_and_the_last_checkpoint_is_good(tmp_path, processed):
     corrupted = tmp_path / "processed"
     corrupted.mkdir()
@@ -172,3 +183,19 @@ def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr
     assert_same_params(final_params(tmp_path)[0], final_params(reference)[0])
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, reference):
+    import jax
+
+    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
+    batch = {name: array[0] for name, array in TrainBatches(split, 8, 0, 1)(0).items()}
+    models = {dtype: build_vdm(compose_config(*TRAIN, f"model.bfloat16={dtype == 'bfloat16'}").model, 3, 3)
+              for dtype in ("float32", "bfloat16")}
+    params = final_params(reference)[0]  # trained: the zero-initialised output layer has moved
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(init_params(models["bfloat16"], jax.random.PRNGKey(0), batch)))
+    losses = {dtype: float(vdm_loss(model, params, jax.random.PRNGKey(1), batch["x"], batch["mask"], batch["labels"])[0])
+              for dtype, model in models.items()}
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] != losses["float32"]  # the compute really ran in bfloat16 ...
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-3)  # ... and agrees to bfloat16 precision

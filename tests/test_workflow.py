@@ -24,7 +24,7 @@ def test_workflow_lints_clean():
 def test_dry_run_plans_the_default_target():
     result = snakemake("--cores", "2", "-n", "--forceall")
     assert result.returncode == 0, result.stderr
-    assert "toy" in result.stdout and "all" in result.stdout
+    assert all(rule in result.stdout for rule in ("generate", "preprocess", "train", "toy", "all"))
 
 
 def test_bad_workflow_config_is_refused(tmp_path):
@@ -51,7 +51,9 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     train = read_sets(tmp_path / "data/processed/pythia/train.h5")
     assert train["class_names"] == ["g", "q", "t"] and len(train["labels"]) == round(0.7 * 3 * 2 * 20)
     runs = mlflow.search_runs(experiment_names=["demo"])
-    assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 6 + ["preprocess", "toy"]
+    trained = json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())
+    assert trained["step"] == 30 and (tmp_path / trained["latest"]).is_dir() and trained["best_val_nelbo_bpd"] > 0
+    assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 6 + ["preprocess", "toy", "train"]
     assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
     rerun = snakemake("--cores", "2", cwd=tmp_path)
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -20,7 +20,8 @@ envvars:
 
 
 def hydra_overrides(experiment):
-    return [f"experiment={experiment}", *config["experiments"][experiment]]
+    """The Hydra overrides of every stage of ``experiment``; its outputs go to results/<experiment>/."""
+    return [f"experiment={experiment}", *config["experiments"][experiment], f"results_dir=results/{experiment}"]
 
 
 def compose_experiment(experiment):
@@ -83,6 +84,15 @@ def raw_files(wildcards):
     return [f"data/raw/{wildcards.dataset}/download.json"]
 
 
-def processed_files(experiment):
-    name = CONFIGS[experiment].data.name
-    return expand("data/processed/{dataset}/{split}.h5", dataset=name, split=["train", "val", "test"])
+def train_settings(wildcards):
+    """What a training run depends on, a parameter of the train rule so that changing it reruns
+    training (a longer train.steps resumes from the last checkpoint; see pipeline.train)."""
+    cfg = CONFIGS[wildcards.experiment]
+    return OmegaConf.to_yaml({"data": cfg.data, "model": cfg.model, "train": cfg.train, "seed": cfg.seed}, resolve=True)
+
+
+def training_data(wildcards):
+    """The processed files a training run reads."""
+    processed = CONFIGS[wildcards.experiment].data.processed_dir
+    return [f"{processed}/train.h5", f"{processed}/val.h5", f"{processed}/normalisation.json"]
+
