@@ -10,7 +10,11 @@ same batches as an uninterrupted one. Incomplete last batches of an epoch are dr
 Padding-aware batching: a batch is cut to the largest multiplicity among its sets, rounded up to
 a bucket (``bucket_sizes``), so attention costs ~ n_used^2 instead of n_max^2 and only a few shapes
 are ever compiled. Padded elements contribute nothing to the loss (``setdiff``), so a cut batch has
-exactly the loss of the full one.
+exactly the loss of the full one. A random batch of hundreds of jets almost always holds one near
+the largest multiplicity, though; with ``multiplicity_window = w > 0`` each run of ``w`` batches of
+the epoch's permutation is sorted by multiplicity before it is cut into batches, and the epoch's
+batches are then taken in a seeded random order. Sets of similar size share a batch and the cut
+saves much more; every set is still seen once per epoch (the usual bucketing by length).
 
 With several processes (multi-host training), process ``p`` of ``P`` takes rows ``p*B/P`` to
 ``(p+1)*B/P`` of each global batch of ``B`` sets; every process computes the same bucket from the
@@ -75,7 +79,7 @@ class TrainBatches:
     """The batch of every training step, for this process and sharded over its devices."""
 
     def __init__(self, split: SetsSplit, batch_size: int, seed: int, n_local_devices: int,
-                 process_index: int = 0, process_count: int = 1, padding_aware: bool = True):
+                 process_index: int = 0, process_count: int = 1, padding_aware: bool = True, multiplicity_window: int = 0):
         n_devices = n_local_devices * process_count
         if batch_size % n_devices:
             raise PipelineError(
@@ -84,7 +88,7 @@ class TrainBatches:
         self.batches_per_epoch = len(split) // batch_size
         if self.batches_per_epoch == 0:
             raise PipelineError(f"the train split has {len(split)} jets, fewer than train.batch_size={batch_size}; lower it.")
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.split, self.batch_size, self.seed, self.multiplicity_window = split, batch_size, seed, multiplicity_window
         self.n_local_devices, self.process_index, self.process_count = n_local_devices, process_index, process_count
         n_max = split.mask.shape[1]
         self.buckets = np.array(bucket_sizes(n_max) if padding_aware else [n_max])
@@ -94,9 +98,21 @@ class TrainBatches:
         """Row indices of the global batch of ``step``."""
         epoch, position = divmod(step, self.batches_per_epoch)
         if epoch != self._permutation_epoch:
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+            self._permutation = self.epoch_batches(epoch)
             self._permutation_epoch = epoch
-        return self._permutation[position * self.batch_size : (position + 1) * self.batch_size]
+        return self._permutation[position]
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """``[batches_per_epoch, batch_size]`` row indices of one epoch (the incomplete batch dropped)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        rows = rng.permutation(len(self.split))[: self.batches_per_epoch * self.batch_size]
+        if self.multiplicity_window <= 0:
+            return rows.reshape(self.batches_per_epoch, self.batch_size)
+        window = self.multiplicity_window * self.batch_size
+        for start in range(0, len(rows), window):
+            chunk = rows[start : start + window]
+            rows[start : start + window] = chunk[np.argsort(self.split.multiplicity[chunk], kind="stable")]
+        return rows.reshape(self.batches_per_epoch, self.batch_size)[rng.permutation(self.batches_per_epoch)]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rows = self.global_rows(step)

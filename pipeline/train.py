@@ -99,9 +99,11 @@ def join_processes() -> None:
 
 
 def replicate(tree):
-    """One copy of ``tree`` on every local device (leading axis), as ``pmap`` takes it."""
+    """One copy of ``tree`` on every local device (leading axis), as ``pmap`` takes it. Placed by a
+    ``pmap`` over the training step's axis name, so it has the sharding of the step's own outputs:
+    feeding those back then reuses the first compilation instead of compiling the step again."""
     n = jax.local_device_count()
-    return jax.pmap(lambda x: x)(jax.tree.map(lambda leaf: np.broadcast_to(np.asarray(leaf), (n, *np.shape(leaf))), tree))
+    return jax.pmap(lambda x: x, axis_name=AXIS)(jax.tree.map(lambda leaf: np.broadcast_to(np.asarray(leaf), (n, *np.shape(leaf))), tree))
 
 
 def unreplicate(tree):
@@ -193,7 +195,7 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     train_split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context)
     val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context)
     batches = TrainBatches(train_split, cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(),
-                           jax.process_count(), cfg.train.padding_aware)
+                           jax.process_count(), cfg.train.padding_aware, cfg.train.multiplicity_window)
     model = build_vdm(cfg.model, data_dim=train_split.x.shape[-1], n_classes=len(train_split.class_names))
     train_cfg = cfg.train
     optimizer = make_optimizer(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps, train_cfg.weight_decay, train_cfg.grad_clip)

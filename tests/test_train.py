@@ -170,6 +170,19 @@ def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
         np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
+def test_multiplicity_windows_group_similar_sets_and_still_see_each_once_per_epoch(processed):
+    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
+    plain, grouped = (TrainBatches(split, 8, 0, 1, multiplicity_window=window) for window in (0, 5))
+    for epoch in range(2):
+        rows = {name: batches.epoch_batches(epoch) for name, batches in (("plain", plain), ("grouped", grouped))}
+        assert sorted(rows["grouped"].ravel()) == sorted(rows["plain"].ravel())  # the same sets, each once
+        assert len(set(rows["grouped"].ravel())) == rows["grouped"].size
+        spread = {name: np.mean([np.ptp(split.multiplicity[batch]) for batch in batch_rows]) for name, batch_rows in rows.items()}
+        assert spread["grouped"] < 0.5 * spread["plain"]
+    np.testing.assert_array_equal(grouped.epoch_batches(1), TrainBatches(split, 8, 0, 1, multiplicity_window=5).epoch_batches(1))
+    assert not np.array_equal(grouped.epoch_batches(0), grouped.epoch_batches(1))
+
+
 def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
