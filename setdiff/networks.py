@@ -15,7 +15,7 @@ Speed: every per-element layer (projections, MLPs, LayerNorms) acts on the eleme
 ``[batch * n, width]`` matrix (:func:`rowwise`): XLA's CPU backend computes the weight gradient of
 a dense layer on a 3-D ``[batch, n, width]`` input about 3x slower than on the same rows as a
 matrix. Keys and values come from one projection of twice the width. Together these took the
-training step of the 128-wide, 4-layer model from 580 to ~720 jets/s on a 2-core CPU
+training step of the 128-wide, 4-layer model from 580 to 620-720 jets/s on a 2-core CPU
 (benchmarks/README.md).
 """
 
