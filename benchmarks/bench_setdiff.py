@@ -22,10 +22,12 @@ from setdiff import VDM, ScoreNet, create_train_state, make_optimizer, make_sche
 MODELS = {"small": dict(d_model=64, n_layers=2, n_heads=4), "base": dict(d_model=128, n_layers=4, n_heads=4)}
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, min_seconds: float = 1.0) -> float:
+    """Median time of one call after a compiling call: at least ``repeats`` calls and ``min_seconds``
+    in all, so that cases of a few milliseconds are not timed from a handful of noisy calls."""
     jax.block_until_ready(fn())  # compile
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
