@@ -64,6 +64,27 @@ def jet_kinematics(energy, px, py, pz) -> dict[str, np.ndarray]:
     }
 
 
+def massless_four_momentum(pt, eta, phi):
+    """``(E, px, py, pz)`` of massless particles given as (pt, eta, phi): ``E = pt cosh eta``,
+    ``pz = pt sinh eta`` (for a massless particle rapidity and pseudorapidity coincide)."""
+    return pt * np.cosh(eta), pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+
+
+def jet_from_relative_particles(eta_rel, phi_rel, pt_rel, mask) -> dict[str, np.ndarray]:
+    """Jet kinematics from padded sets in the sets file's coordinates, ``[n_jets, n_max]`` each.
+
+    The particles are taken as massless and summed over the real ones (``mask``), as JetNet's
+    ``jet_features`` does (Kansal et al. 2021, arXiv:2106.11535), so the jet's ``pt`` and ``mass``
+    are in units of the original jet pT (``mass`` is the relative mass m/pT that ``w1m`` compares),
+    and its ``eta``, ``phi`` are relative to the original jet axis.
+    """
+    weight = np.asarray(mask, dtype=np.float64)
+    energy, px, py, pz = massless_four_momentum(
+        np.asarray(pt_rel, np.float64) * weight, np.asarray(eta_rel, np.float64), np.asarray(phi_rel, np.float64)
+    )
+    return jet_kinematics(*(component.sum(axis=-1) for component in (energy, px, py, pz)))
+
+
 def relative_coordinates(px, py, pz, jet: dict[str, np.ndarray]):
     """``(eta_rel, phi_rel, pt_rel)`` of particles relative to their jet: ``jet`` as returned by
     ``jet_kinematics``, one value per particle (or broadcastable to the particles)."""
