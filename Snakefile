@@ -15,10 +15,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
 
 
 rule all:
     default_target: True
     input:
         expand("results/{experiment}/toy/metrics.json", experiment=EXPERIMENTS),
-        expand("results/{experiment}/train/checkpoint.json", experiment=EXPERIMENTS),
+        expand("results/{experiment}/evaluate/metrics.json", experiment=EXPERIMENTS),

@@ -45,6 +45,13 @@ class MaskSource(Enum):
     test = "test"  # the test split's masks, one for one
 
 
+class CheckpointChoice(Enum):
+    """Which checkpoint of a training run the later stages use (both hold the EMA parameters)."""
+
+    best = "best"  # lowest val NELBO
+    latest = "latest"
+
+
 class Source(Enum):
     """Where a dataset's raw files come from, and so which reader ``pipeline.preprocess`` uses."""
 
@@ -158,16 +165,38 @@ class SampleConfig:
     guidance_scale: float = 0.0
     batch_size: int = 1_024
     masks: MaskSource = MaskSource.train
+    checkpoint: CheckpointChoice = CheckpointChoice.best
 
 
 @dataclass
 class EvaluateConfig:
     """Physics metrics; defaults follow Kansal et al. 2021 (arXiv:2106.11535) and 2023 (arXiv:2211.10295)."""
 
-    n_jets: int = 50_000
+    n_jets: int = 50_000  # jets drawn (with replacement) per bootstrap batch of the W1 metrics
     w1_batches: int = 5
+    fpd_min_jets: int = 20_000  # FPD: batch sizes evenly spaced in 1/N between these two
+    fpd_max_jets: int = 50_000
+    fpd_points: int = 10  # batch sizes the 1/N fit uses
+    fpd_batches: int = 20  # batches averaged at each batch size
+    kpd_batches: int = 10
+    kpd_jets: int = 5_000  # jets per KPD batch
+    cov_mmd_jets: int = 100  # jets per coverage/MMD batch (EMD between every pair)
+    cov_mmd_batches: int = 10
+    efp_jobs: int = 0  # processes computing EFPs (energyflow); 0: one per CPU core
+    per_class: bool = True  # also score each class on its own
+    max_jets: int = 150_000  # jets read from each file at most (a seeded random subset); EFPs take ~1 ms a jet
     samples: str | None = None  # any sets file; default: this experiment's samples
     reference: str | None = None  # any sets file; default: this dataset's test split
+    truth: str | None = None  # the "truth" floor compares reference with this; default: the train split
+
+
+@dataclass
+class LikelihoodConfig:
+    """Per-jet NELBO of a sets file under the trained model, and anomaly detection with it."""
+
+    sets: str | None = None  # the sets file to score; default: this dataset's test split
+    n_samples: int = 16  # stratified diffusion times per jet in the NELBO estimate
+    batch_size: int = 512
 
 
 @dataclass
@@ -182,6 +211,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
 
 
 ConfigStore.instance().store(name="schema", node=Config)

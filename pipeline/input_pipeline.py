@@ -54,6 +54,7 @@ class SetsSplit:
         std = np.array([normalisation["particles"][name]["std"] for name in self.feature_names], np.float32)
         if not (std > 0).all():
             raise PipelineError(f"{normalisation_path} has a zero standard deviation; the train split is degenerate, preprocess more jets.")
+        self.particle_mean, self.particle_std = mean, std  # x = (particles - mean) / std on real elements
         self.mask = sets["mask"]
         self.x = ((sets["particles"] - mean) / std * self.mask[..., None]).astype(np.float32)
         self.labels = sets["labels"].astype(np.int32)

@@ -130,3 +130,20 @@ def write_quark_gluon(path, jets: list[np.ndarray], y: list[int], pids: np.ndarr
         X[row, :n, 2] = np.arctan2(py, px)
         X[row, :n, 3] = pids[row, :n]
     np.savez_compressed(path, X=X, y=np.array(y, np.float64))
+
+
+def processed_dataset(folder, class_names=("g", "q", "t"), jets_per_class: int = 40, seed: int = 0):
+    """Random jets of each class written as generated ROOT shards under ``folder/raw`` and preprocessed
+    into ``folder/processed`` (n_max 30, up to 14 particles a jet); returns the processed folder."""
+    from conftest import compose_config
+    from pipeline.preprocess import preprocess
+
+    rng = np.random.default_rng(seed)
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    for name in class_names:
+        jets = [jet for jet in random_jets(rng, jets_per_class) if len(jet) and np.isfinite(jet).all()]
+        write_root(folder / "raw" / f"{name}_000.root", jets, {f"label_{other}": [other == name] * len(jets) for other in "gqtwz"})
+    cfg = compose_config(f"data.raw_dir={folder / 'raw'}", f"data.processed_dir={folder / 'processed'}",
+                         "data.generator.n_shards=1", f"data.class_names=[{','.join(class_names)}]")
+    preprocess(cfg, folder / "processed", progress=False)
+    return folder / "processed"

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT, compose_config
-from jet_files import random_jets, write_root
+from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches
 from pipeline.model import build_vdm
-from pipeline.preprocess import preprocess
 from pipeline.train import load_checkpoint
 from setdiff import init_params, vdm_loss
 
@@ -32,15 +31,7 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     """A small processed dataset (3 classes x 40 jets, up to 14 particles, n_max 30)."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    (folder / "raw").mkdir()
-    for name in ("g", "q", "t"):
-        jets = [jet for jet in random_jets(rng, 40) if len(jet) and np.isfinite(jet).all()]
-        write_root(folder / "raw" / f"{name}_000.root", jets, {f"label_{other}": [other == name] * len(jets) for other in "gqtwz"})
-    cfg = compose_config(f"data.raw_dir={folder / 'raw'}", f"data.processed_dir={folder / 'processed'}", "data.generator.n_shards=1")
-    preprocess(cfg, folder / "processed", progress=False)
-    return folder / "processed"
+    return processed_dataset(tmp_path_factory.mktemp("data"))
 
 
 def train(results, processed, *overrides, devices=1, env=None, wait=True):

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import mlflow
+import numpy as np
 import yaml
 
 from conftest import PROJECT_ROOT, TINY
@@ -24,7 +25,7 @@ def test_workflow_lints_clean():
 def test_dry_run_plans_the_default_target():
     result = snakemake("--cores", "2", "-n", "--forceall")
     assert result.returncode == 0, result.stderr
-    assert all(rule in result.stdout for rule in ("generate", "preprocess", "train", "toy", "all"))
+    assert all(rule in result.stdout for rule in ("generate", "preprocess", "train", "sample", "evaluate", "toy", "all"))
 
 
 def test_bad_workflow_config_is_refused(tmp_path):
@@ -53,7 +54,10 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     runs = mlflow.search_runs(experiment_names=["demo"])
     trained = json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())
     assert trained["step"] == 30 and (tmp_path / trained["latest"]).is_dir() and trained["best_val_nelbo_bpd"] > 0
-    assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 6 + ["preprocess", "toy", "train"]
+    assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 6 + ["preprocess", "sample", "toy", "train"]
+    assert np.bincount(read_sets(tmp_path / "results/demo/sample/samples.h5")["labels"]).tolist() == [20, 20, 20]
+    metrics = json.loads((tmp_path / "results/demo/evaluate/metrics.json").read_text())
+    assert np.isfinite([metrics[f"{comparison}.all.{name}"] for comparison in ("sample", "truth") for name in ("w1m", "fpd", "cov")]).all()
     assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
     rerun = snakemake("--cores", "2", cwd=tmp_path)
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr

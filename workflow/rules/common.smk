@@ -96,3 +96,25 @@ def training_data(wildcards):
     processed = CONFIGS[wildcards.experiment].data.processed_dir
     return [f"{processed}/train.h5", f"{processed}/val.h5", f"{processed}/normalisation.json"]
 
+
+
+def sample_settings(wildcards):
+    """What a sample file depends on besides the checkpoint: the sampler settings and the data."""
+    cfg = CONFIGS[wildcards.experiment]
+    return OmegaConf.to_yaml({"data": cfg.data, "sample": cfg.sample, "seed": cfg.seed}, resolve=True)
+
+
+def evaluate_settings(wildcards):
+    """The metric settings: changing them reruns the evaluation only."""
+    cfg = CONFIGS[wildcards.experiment]
+    return OmegaConf.to_yaml({"evaluate": cfg.evaluate, "seed": cfg.seed}, resolve=True)
+
+
+def likelihood_settings(wildcards):
+    cfg = CONFIGS[wildcards.experiment]
+    return OmegaConf.to_yaml({"likelihood": cfg.likelihood, "seed": cfg.seed}, resolve=True)
+
+
+def processed_file(name):
+    """An input function: the experiment's processed file ``name`` (e.g. test.h5)."""
+    return lambda wildcards: f"{CONFIGS[wildcards.experiment].data.processed_dir}/{name}"

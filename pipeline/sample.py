@@ -1,0 +1,165 @@
+"""Sampling stage: jets from the trained model, written as a sets file in physical units.
+
+``python -m pipeline.sample experiment=<name> [overrides]`` loads the EMA parameters of the training
+run in ``results/<experiment>/train/`` (the best checkpoint by val NELBO, or the latest with
+``sample.checkpoint=latest``), with the model settings that run was trained with, and generates
+``sample.n_jets`` jets of every class with ``setdiff.sample`` (sampler, steps and guidance scale
+from ``sample``). Each generated jet copies the multiplicity (its mask) and, for a model conditioned
+on jet features, the context of a template jet: drawn at random from the train split's jets of the
+class (``sample.masks=train``: the class's multiplicity distribution), or the test split's jets of
+the class one for one (``sample.masks=test``, as several papers do).
+
+Jets are sorted by multiplicity and sampled in batches cut to their largest multiplicity (rounded up
+to a bucket of ``pipeline.input_pipeline.bucket_sizes``), with ``jax.pmap`` over every local device.
+The model's output is un-normalised with the train split's statistics; a negative ``pt_rel`` (the
+model's tails cross zero) is set to 0 and counted (``negative_pt_rel_fraction`` in MLflow and the
+file's attributes), since every jet observable assumes non-negative momenta. Particles are sorted by
+decreasing ``pt_rel``, padded rows are zero.
+
+Output: ``results/<experiment>/sample/samples.h5``, a sets file whose ``jets`` hold the generated
+jets' own kinematics from their particles (``pt_rel, eta_rel, mass_rel, n_particles``: relative to
+the original jet, see ``pipeline.jets.jet_from_relative_particles``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import hydra
+import jax
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from setdiff import sample
+
+from .config import PARTICLE_FEATURES, CheckpointChoice, Config, MaskSource, ModelConfig
+from .input_pipeline import SetsSplit, bucket_sizes
+from .jets import jet_from_relative_particles
+from .model import build_vdm
+from .sets import write_sets
+from .stage import PipelineError, stage
+from .train import load_checkpoint
+
+SAMPLE_JET_FEATURES = ["pt_rel", "eta_rel", "mass_rel", "n_particles"]
+
+
+def template_rows(split: SetsSplit, n_per_class: int, source: MaskSource, rng: np.random.Generator) -> np.ndarray:
+    """Rows of ``split`` whose masks (and context) the generated jets copy, ``n_per_class`` per class:
+    drawn with replacement (``train``), or the class's first rows one for one (``test``, fewer if
+    the split has fewer)."""
+    rows = []
+    for label, name in enumerate(split.class_names):
+        of_class = np.flatnonzero(split.labels == label)
+        if len(of_class) == 0:
+            raise PipelineError(f"the {source.value} split has no jets of class {name}; preprocess a dataset that has them.")
+        if source == MaskSource.train:
+            rows.append(rng.choice(of_class, size=n_per_class, replace=True))
+        else:
+            rows.append(of_class[:n_per_class])
+    return np.concatenate(rows)
+
+
+def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names: list[str]) -> tuple[np.ndarray, int]:
+    """Un-normalise the model's output, clip negative ``pt_rel`` to 0 and sort particles by decreasing
+    ``pt_rel`` (padded rows last, zero). Returns the particles and how many ``pt_rel`` were clipped."""
+    particles = np.where(mask[..., None], x * split.particle_std + split.particle_mean, 0.0)
+    pt_rel = particles[..., feature_names.index("pt_rel")]
+    negative = (pt_rel < 0) & mask
+    pt_rel[negative] = 0.0
+    order = np.argsort(np.where(mask, -pt_rel, np.inf), axis=1, kind="stable")
+    return np.take_along_axis(particles, order[..., None], axis=1).astype(np.float32), int(negative.sum())
+
+
+def trained_model(cfg: DictConfig, data_dim: int, n_classes: int):
+    """The training run's model and its EMA parameters (``sample.checkpoint``: best or latest)."""
+    train_dir = Path(cfg.results_dir) / "train"
+    summary_path = train_dir / "checkpoint.json"
+    if not summary_path.is_file():
+        raise PipelineError(f"{summary_path} does not exist; train the model first (`python -m pipeline.train experiment={cfg.name}`).")
+    summary = json.loads(summary_path.read_text())
+    choice = CheckpointChoice(cfg.sample.checkpoint)
+    path = summary.get(choice.value) or summary.get("latest")
+    if not path or not Path(path).exists():
+        raise PipelineError(f"{summary_path} names no existing checkpoint ({path}); train the model again.")
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(train_dir / "config.yaml").model)
+    model = build_vdm(model_cfg, data_dim=data_dim, n_classes=n_classes)
+    return model, load_checkpoint(path)["ema_params"], path
+
+
+def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
+    """Sample every class and write ``output_path``; returns the run's figures."""
+    processed = Path(cfg.data.processed_dir)
+    template_split = "train" if MaskSource(cfg.sample.masks) == MaskSource.train else "test"
+    for name in (f"{template_split}.h5", "normalisation.json"):
+        if not (processed / name).is_file():
+            raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
+    split = SetsSplit(processed / f"{template_split}.h5", processed / "normalisation.json", cfg.model.use_jet_context)
+    if split.feature_names != PARTICLE_FEATURES:
+        raise PipelineError(f"{processed} holds features {split.feature_names}; sampling writes {PARTICLE_FEATURES}, preprocess again.")
+    model, params, checkpoint = trained_model(cfg, split.x.shape[-1], len(split.class_names))
+
+    rng = np.random.default_rng(cfg.seed)
+    rows = template_rows(split, cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
+    by_size = np.argsort(split.multiplicity[rows], kind="stable")  # similar sizes share a batch
+    n_devices = jax.local_device_count()
+    batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
+    buckets = np.array(bucket_sizes(split.mask.shape[1]))
+    draw = jax.pmap(
+        partial(sample, model, steps=cfg.sample.steps, sampler=cfg.sample.sampler.value, guidance_scale=cfg.sample.guidance_scale),
+        in_axes=(None, 0, 0, 0, 0),
+    )
+    generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
+    key = jax.random.PRNGKey(cfg.seed)
+    start = time.perf_counter()
+    for batch_index, first in enumerate(tqdm(range(0, len(rows), batch_size), desc="sample", unit="batch",
+                                             disable=not (progress and sys.stderr.isatty()))):
+        positions = by_size[first : first + batch_size]
+        chunk = rows[positions]
+        filled = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])  # a full batch: one shape per bucket
+        n_used = int(buckets[np.searchsorted(buckets, split.multiplicity[chunk].max())])
+        batch = split.rows(filled, n_used)
+        shard = lambda array: array.reshape(n_devices, -1, *array.shape[1:])  # noqa: E731
+        device_keys = jax.random.split(jax.random.fold_in(key, batch_index), n_devices)
+        x = draw(params, device_keys, shard(batch["mask"]), shard(batch["labels"]),
+                 None if split.context is None else shard(batch["context"]))
+        generated[positions, :n_used] = np.asarray(x).reshape(batch_size, n_used, -1)[: len(chunk)]
+    seconds = time.perf_counter() - start
+
+    mask = split.mask[rows]
+    particles, n_clipped = to_physical(generated, mask, split, split.feature_names)
+    jet = jet_from_relative_particles(*(particles[..., split.feature_names.index(name)] for name in PARTICLE_FEATURES), mask)
+    jets = np.stack([jet["pt"], jet["eta"], jet["mass"], mask.sum(axis=1)], axis=1).astype(np.float32)
+    figures = {
+        "n_jets": len(rows),
+        "seconds": seconds,
+        "jets_per_s": len(rows) / seconds,
+        "negative_pt_rel_fraction": n_clipped / max(int(mask.sum()), 1),
+    }
+    with write_sets(
+        output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
+        class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
+        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+        masks=template_split, negative_pt_rel_clipped=n_clipped,
+    ) as writer:
+        writer.append(particles, mask, jets, split.labels[rows])
+    return figures
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: Config) -> None:
+    with stage("sample", cfg) as output_dir:
+        figures = generate(cfg, output_dir / "samples.h5")
+        mlflow.log_metrics(figures)
+        mlflow.log_dict(figures, "sample.json")
+        print(f"sample: {figures['n_jets']} jets in {figures['seconds']:.1f} s ({figures['jets_per_s']:.0f} jets/s), "
+              f"{100 * figures['negative_pt_rel_fraction']:.2f}% of pt_rel clipped at 0 -> {output_dir / 'samples.h5'}")
+
+
+if __name__ == "__main__":
+    main()

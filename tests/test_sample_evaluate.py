@@ -1,0 +1,130 @@
+"""Sampling, evaluation and likelihood stages, run as a user runs them on a tiny trained model."""
+
+import json
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import run_stage
+from jet_files import processed_dataset
+from pipeline.sets import read_sets
+
+MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
+TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.val_every=10", "train.checkpoint_every=10",
+         "train.val_jets=16"]
+# Metric settings small enough for seconds, large enough that every estimator has data.
+EVALUATE = ["evaluate.n_jets=300", "evaluate.w1_batches=3", "evaluate.fpd_min_jets=40", "evaluate.fpd_max_jets=80",
+            "evaluate.fpd_points=3", "evaluate.fpd_batches=2", "evaluate.kpd_batches=3", "evaluate.kpd_jets=40",
+            "evaluate.cov_mmd_jets=10", "evaluate.cov_mmd_batches=2", "evaluate.efp_jobs=1"]
+
+
+def stage_args(results, processed, *extra):
+    return [f"results_dir={results}", f"data.processed_dir={processed}", *MODEL, *TRAIN, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A processed g/q/t dataset and a model trained on it for a few steps."""
+    folder = tmp_path_factory.mktemp("experiment")
+    processed = processed_dataset(folder / "data")
+    result = run_stage("train", *stage_args(folder / "results", processed))
+    assert result.returncode == 0, result.stderr
+    return folder / "results", processed
+
+
+def test_sampling_writes_the_requested_jets_of_every_class_with_train_multiplicities(trained):
+    results, processed = trained
+    result = run_stage("sample", *stage_args(results, processed, "sample.n_jets=25", "sample.steps=3", "sample.batch_size=15"),
+                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 0, result.stderr
+    samples, train = read_sets(results / "sample" / "samples.h5"), read_sets(processed / "train.h5")
+    assert samples["class_names"] == ["g", "q", "t"] and np.bincount(samples["labels"]).tolist() == [25, 25, 25]
+    assert samples["particles"].shape == (75, 30, 3) and samples["feature_names"] == ["eta_rel", "phi_rel", "pt_rel"]
+    mask, particles = samples["mask"], samples["particles"]
+    assert (particles[~mask] == 0).all() and np.isfinite(particles).all()
+    assert (mask == (np.arange(30) < mask.sum(1, keepdims=True))).all()  # real particles first
+    pt_rel = np.where(mask, particles[..., 2], -1.0)
+    assert (np.diff(pt_rel, axis=1)[mask[:, 1:]] <= 0).all() and (particles[..., 2][mask] >= 0).all()
+    for label in range(3):  # every multiplicity is one the class has in the train split
+        allowed = set(train["mask"][train["labels"] == label].sum(1))
+        assert set(mask[samples["labels"] == label].sum(1)) <= allowed
+    assert (samples["jets"][:, 3] == mask.sum(1)).all() and samples["jet_feature_names"][2] == "mass_rel"
+    run = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'sample'").iloc[0]
+    assert run["metrics.n_jets"] == 75 and run["metrics.jets_per_s"] > 0
+
+
+def test_test_masks_are_copied_one_for_one(trained, tmp_path):
+    results, processed = trained
+    result = run_stage("sample", *stage_args(results, processed, "sample.n_jets=1000", "sample.steps=2", "sample.masks=test",
+                                             "sample.checkpoint=latest", f"hydra.run.dir={tmp_path}"))
+    assert result.returncode == 0, result.stderr
+    samples, test = read_sets(tmp_path / "samples.h5"), read_sets(processed / "test.h5")
+    for label in range(3):  # fewer test jets than asked for: each is used once
+        assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
+
+
+def test_sampling_without_a_trained_model_says_what_to_do(tmp_path, trained):
+    _, processed = trained
+    result = run_stage("sample", *stage_args(tmp_path, processed))
+    assert result.returncode == 2
+    assert "train the model first" in result.stderr and not (tmp_path / "sample" / "samples.h5").exists()
+
+
+def test_evaluation_scores_every_class_with_the_truth_floor_beside_it(trained):
+    results, processed = trained
+    sampled = run_stage("sample", *stage_args(results, processed, "sample.n_jets=60", "sample.steps=3"))
+    assert sampled.returncode == 0, sampled.stderr
+    result = run_stage("evaluate", *stage_args(results, processed, *EVALUATE))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    names = ["w1m", "w1p", "w1p_eta_rel", "w1p_phi_rel", "w1p_pt_rel", "w1efp", "fpd", "fpd_err", "kpd", "kpd_err", "cov", "mmd"]
+    for comparison in ("sample", "truth"):
+        for group in ("all", "g", "q", "t"):
+            for name in names:
+                assert np.isfinite(metrics[f"{comparison}.{group}.{name}"]), (comparison, group, name)
+    assert metrics["sample.all.n_other"] == 180 and metrics["sample.g.n_other"] == 60
+    # A few training steps are far from the data: every W1 is well above the truth floor.
+    for name in ("w1p", "w1m"):
+        assert metrics[f"sample.all.{name}"] > metrics[f"truth.all.{name}"]
+    table = (results / "evaluate" / "metrics.md").read_text()
+    assert "| model vs test | all |" in table and "| train vs test (truth) | t |" in table
+    assert (results / "evaluate" / "plots" / "jet_mass.png").stat().st_size > 0
+    run = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'evaluate'").iloc[0]
+    assert run["metrics.sample.all.w1m"] == pytest.approx(metrics["sample.all.w1m"])
+    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(run.run_id, "plots")}
+    assert "plots/jet_images.png" in artifacts
+
+
+def test_any_two_sets_files_compare_and_a_file_with_itself_scores_near_zero(trained, tmp_path):
+    _, processed = trained
+    test = processed / "test.h5"
+    args = [*EVALUATE, f"evaluate.samples={test}", f"evaluate.reference={test}", f"evaluate.truth={processed / 'val.h5'}",
+            "evaluate.per_class=false", f"hydra.run.dir={tmp_path}"]
+    result = run_stage("evaluate", *stage_args(tmp_path, processed, *args))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "sample.g.w1m" not in metrics
+    # Identical files differ only by the bootstrap draws; the val split is a different sample.
+    assert metrics["sample.all.w1p"] < metrics["truth.all.w1p"]
+
+
+def test_nelbo_scores_jets_and_detects_classes_the_model_never_saw(tmp_path):
+    qcd = processed_dataset(tmp_path / "qcd", class_names=("g", "q"), seed=1)
+    everything = processed_dataset(tmp_path / "all", seed=1)
+    args = stage_args(tmp_path / "results", qcd, "data.class_names=[g,q]")
+    assert run_stage("train", *args).returncode == 0
+    result = run_stage("likelihood", *args, "likelihood.n_samples=2", "likelihood.batch_size=16",
+                       f"likelihood.sets={everything / 'test.h5'}")
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "results" / "likelihood"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0.0 <= metrics["anomaly_auc"] <= 1.0 and (output / "roc.png").stat().st_size > 0
+    with h5py.File(output / "nelbo.h5") as file:
+        labels, nelbo = file["labels"][...], file["nelbo_bpd"][...]
+        per_class, anomaly = file["nelbo_bpd_per_class"][...], file["anomaly_score"][...]
+    top = labels == 2
+    assert np.isnan(nelbo[top]).all() and np.isfinite(nelbo[~top]).all() and per_class.shape == (len(labels), 2)
+    assert (anomaly == per_class.min(axis=1)).all()
+    assert metrics["nelbo_bpd.g"] == pytest.approx(np.mean(nelbo[labels == 0]))
