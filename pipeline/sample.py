@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import hydra
@@ -76,6 +76,14 @@ def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names
     return np.take_along_axis(particles, order[..., None], axis=1).astype(np.float32), int(negative.sum())
 
 
+@lru_cache
+def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float):
+    """``setdiff.sample`` mapped over the local devices: ``(params, keys[n], mask[n, b, m], labels[n, b],
+    context[n, b, c] | None)``. Cached, so sampling again in one process reuses the compilations."""
+    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale),
+                    in_axes=(None, 0, 0, 0, 0))
+
+
 def trained_model(cfg: DictConfig, data_dim: int, n_classes: int):
     """The training run's model and its EMA parameters (``sample.checkpoint``: best or latest)."""
     train_dir = Path(cfg.results_dir) / "train"
@@ -110,10 +118,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
     buckets = np.array(bucket_sizes(split.mask.shape[1]))
-    draw = jax.pmap(
-        partial(sample, model, steps=cfg.sample.steps, sampler=cfg.sample.sampler.value, guidance_scale=cfg.sample.guidance_scale),
-        in_axes=(None, 0, 0, 0, 0),
-    )
+    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale)
     generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
     key = jax.random.PRNGKey(cfg.seed)
     start = time.perf_counter()
