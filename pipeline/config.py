@@ -182,7 +182,7 @@ class EvaluateConfig:
     kpd_jets: int = 5_000  # jets per KPD batch
     cov_mmd_jets: int = 100  # jets per coverage/MMD batch (EMD between every pair)
     cov_mmd_batches: int = 10
-    efp_jobs: int = 0  # processes computing EFPs (energyflow); 0: one per CPU core
+    emd_jobs: int = 0  # threads computing EMDs (energyflow); 0: one per CPU core
     per_class: bool = True  # also score each class on its own
     max_jets: int = 150_000  # jets read from each file at most (a seeded random subset); EFPs take ~1 ms a jet
     samples: str | None = None  # any sets file; default: this experiment's samples

@@ -123,7 +123,7 @@ def compare(reference: dict, other: dict, reference_efps: np.ndarray, other_efps
         reference_efps, other_efps, n_batches=settings.kpd_batches, n_per_batch=settings.kpd_jets, rng=rng
     )
     coverage = jet_metrics.cov_mmd(*real, *generated, n_per_batch=settings.cov_mmd_jets, n_batches=settings.cov_mmd_batches,
-                                   rng=rng, n_jobs=settings.efp_jobs)
+                                   rng=rng, n_jobs=settings.emd_jobs)
     values.update(coverage)
     return {name: float(value) for name, value in values.items()}
 
@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig, paths: dict[str, Path | None]) -> tuple[dict[str, 
     seeds = np.random.SeedSequence(cfg.seed).spawn(4)
     files = {role: load(path, settings.max_jets, np.random.default_rng(seed))
              for (role, path), seed in zip(paths.items(), seeds) if path is not None}
-    efps = {role: jet_metrics.energy_flow_polynomials(sets["particles"], sets["mask"], n_jobs=settings.efp_jobs)
+    efps = {role: jet_metrics.energy_flow_polynomials(sets["particles"], sets["mask"])
             for role, sets in files.items()}
     reference = files["reference"]
     groups = ["all"]

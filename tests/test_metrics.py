@@ -61,7 +61,7 @@ def test_identical_single_jet_samples_give_exactly_zero_w1():
     means, stds = w1p(copies, copies_mask, copies, copies_mask, 3, 40, rng)
     np.testing.assert_array_equal(means, 0.0)
     np.testing.assert_array_equal(stds, 0.0)
-    efps = energy_flow_polynomials(copies, copies_mask, n_jobs=1)[:, w1efp_columns()]
+    efps = energy_flow_polynomials(copies, copies_mask)[:, w1efp_columns()]
     np.testing.assert_array_equal(w1efp(efps, efps, 3, 40, rng)[0], 0.0)
 
 
@@ -128,18 +128,19 @@ def test_relative_jet_mass_of_two_particles_at_opposite_azimuth():
 
 def test_w1efp_columns_select_the_w1_efps_of_the_full_set():
     particles, mask = random_jets(10, 30)
-    full = energy_flow_polynomials(particles, mask, n_jobs=1)
-    direct = energy_flow_polynomials(particles, mask, efpset_args=W1_EFP_GRAPHS, n_jobs=1)
+    full = energy_flow_polynomials(particles, mask)
+    direct = energy_flow_polynomials(particles, mask, efpset_args=W1_EFP_GRAPHS)
     assert full.shape == (30, 36) and direct.shape == (30, 5)
     np.testing.assert_allclose(full[:, w1efp_columns()], direct, rtol=1e-12)
 
 
-def test_efps_equal_those_of_the_zero_padded_jets():
-    """Computing on each jet's real particles gives energyflow's values on the zero-padded jets."""
+def test_batched_efps_equal_energyflows_on_the_zero_padded_jets():
+    """The batched einsum EFPs (in chunks of 3 jets here) are energyflow's own, EFP by EFP, in its order."""
     particles, mask = random_jets(11, 20)
     efp_set = energyflow.EFPSet(("d<=", 4), measure="hadr", beta=1, normed=None, coords="ptyphim")
     padded = efp_set.batch_compute(particles[..., [PT, ETA, PHI]], n_jobs=1)
-    np.testing.assert_allclose(energy_flow_polynomials(particles, mask, n_jobs=1), padded, rtol=1e-10)
+    batched = energy_flow_polynomials(particles, mask, chunk_elements=3 * particles.shape[1] ** 2)
+    np.testing.assert_allclose(batched, padded, rtol=1e-10)
 
 
 def test_padded_rows_enter_no_metric():
@@ -151,7 +152,7 @@ def test_padded_rows_enter_no_metric():
         return {
             "w1m": w1m(real_particles, real_mask, generated_particles, generated_mask, 2, 30, np.random.default_rng(14)),
             "w1p": w1p(real_particles, real_mask, generated_particles, generated_mask, 2, 30, np.random.default_rng(14)),
-            "efps": energy_flow_polynomials(generated_particles, generated_mask, n_jobs=1),
+            "efps": energy_flow_polynomials(generated_particles, generated_mask),
             "mass": relative_jet_mass(generated_particles, generated_mask),
             "emd": emd_matrix(generated_particles, generated_mask, real_particles, real_mask, n_jobs=1),
             "cov_mmd": cov_mmd(real_particles, real_mask, generated_particles, generated_mask, n_per_batch=10,

@@ -17,7 +17,7 @@ TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.
 # Metric settings small enough for seconds, large enough that every estimator has data.
 EVALUATE = ["evaluate.n_jets=300", "evaluate.w1_batches=3", "evaluate.fpd_min_jets=40", "evaluate.fpd_max_jets=80",
             "evaluate.fpd_points=3", "evaluate.fpd_batches=2", "evaluate.kpd_batches=3", "evaluate.kpd_jets=40",
-            "evaluate.cov_mmd_jets=10", "evaluate.cov_mmd_batches=2", "evaluate.efp_jobs=1"]
+            "evaluate.cov_mmd_jets=10", "evaluate.cov_mmd_batches=2", "evaluate.emd_jobs=1"]
 
 
 def stage_args(results, processed, *extra):

@@ -47,7 +47,7 @@ rule evaluate:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.evaluate {params.hydra} evaluate.efp_jobs={threads} > {log} 2>&1"
+        "python -m pipeline.evaluate {params.hydra} evaluate.emd_jobs={threads} > {log} 2>&1"
 
 
 rule likelihood:
