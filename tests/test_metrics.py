@@ -342,3 +342,28 @@ def test_bad_features_and_settings_are_refused_with_a_message():
         fpd(features, features, min_jets=10, max_jets=20, n_points=2, n_batches=1, rng=rng)
     with pytest.raises(PipelineError, match="n_per_batch=0 is too small"):
         bootstrap_w1(features, features, 1, 0, rng)
+
+
+def test_bootstrap_w1_equals_scipys_w1_of_the_drawn_jets():
+    """Weights instead of repeated values: the same numbers as JetNet's way, scipy on the drawn jets."""
+    import scipy.stats
+
+    real, real_mask = random_jets(20, 60)
+    generated, generated_mask = random_jets(21, 45, eta_width=0.15)
+    n_batches, n_per_batch = 3, 80
+    draws = np.random.default_rng(22)
+    expected_w1p, expected_w1m = [], []
+    for _ in range(n_batches):
+        real_rows, generated_rows = draws.integers(60, size=n_per_batch), draws.integers(45, size=n_per_batch)
+        real_batch, generated_batch = real[real_rows][real_mask[real_rows]], generated[generated_rows][generated_mask[generated_rows]]
+        expected_w1p.append([scipy.stats.wasserstein_distance(real_batch[:, f], generated_batch[:, f]) for f in range(3)])
+    for _ in range(n_batches):
+        real_rows, generated_rows = draws.integers(60, size=n_per_batch), draws.integers(45, size=n_per_batch)
+        expected_w1m.append(scipy.stats.wasserstein_distance(relative_jet_mass(real, real_mask)[real_rows],
+                                                             relative_jet_mass(generated, generated_mask)[generated_rows]))
+    rng = np.random.default_rng(22)
+    means, stds = w1p(real, real_mask, generated, generated_mask, n_batches, n_per_batch, rng)
+    np.testing.assert_allclose(means, np.mean(expected_w1p, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stds, np.std(expected_w1p, axis=0), rtol=1e-9)
+    mean, std = w1m(real, real_mask, generated, generated_mask, n_batches, n_per_batch, rng)
+    assert mean == pytest.approx(np.mean(expected_w1m), rel=1e-12) and std == pytest.approx(np.std(expected_w1m), rel=1e-9)
