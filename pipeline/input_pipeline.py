@@ -62,6 +62,11 @@ class SetsSplit:
         self.context = None
         if use_context:
             jet_names = list(sets["jet_feature_names"])
+            if not set(jet_names) <= normalisation["jets"].keys():
+                raise PipelineError(
+                    f"{path} holds jet features {jet_names}, but the model is conditioned on {list(normalisation['jets'])}; "
+                    "score a processed split (generated files hold relative jet features) or a model without model.use_jet_context."
+                )
             jet_mean = np.array([normalisation["jets"][name]["mean"] for name in jet_names], np.float32)
             jet_std = np.array([normalisation["jets"][name]["std"] for name in jet_names], np.float32)
             self.context = ((sets["jets"] - jet_mean) / np.where(jet_std > 0, jet_std, 1.0)).astype(np.float32)

@@ -114,6 +114,9 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
 
     rng = np.random.default_rng(cfg.seed)
     rows = template_rows(split, cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
+    if len(rows) < cfg.sample.n_jets * len(split.class_names):
+        print(f"sample: the test split has fewer than {cfg.sample.n_jets} jets of some class; generating {len(rows)} jets, "
+              "one per test jet", flush=True)
     by_size = np.argsort(split.multiplicity[rows], kind="stable")  # similar sizes share a batch
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count

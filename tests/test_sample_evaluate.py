@@ -9,7 +9,10 @@ import pytest
 
 from conftest import run_stage
 from jet_files import processed_dataset
-from pipeline.sets import read_sets
+from pipeline.input_pipeline import SetsSplit
+from pipeline.sample import SAMPLE_JET_FEATURES
+from pipeline.sets import read_sets, write_sets
+from pipeline.stage import PipelineError
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
 TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.val_every=10", "train.checkpoint_every=10",
@@ -128,3 +131,16 @@ def test_nelbo_scores_jets_and_detects_classes_the_model_never_saw(tmp_path):
     assert np.isnan(nelbo[top]).all() and np.isfinite(nelbo[~top]).all() and per_class.shape == (len(labels), 2)
     assert (anomaly == per_class.min(axis=1)).all()
     assert metrics["nelbo_bpd.g"] == pytest.approx(np.mean(nelbo[labels == 0]))
+
+
+def test_a_generated_file_cannot_feed_a_context_conditioned_model(trained, tmp_path):
+    """Generated files hold relative jet features; standardising them with the GeV statistics of the
+    train split would silently give wrong context, so it is refused."""
+    _, processed = trained
+    test = read_sets(processed / "test.h5")
+    with write_sets(tmp_path / "generated.h5", n_max=30, feature_names=test["feature_names"], jet_feature_names=SAMPLE_JET_FEATURES,
+                    class_names=test["class_names"], source="test", config="") as writer:
+        writer.append(test["particles"], test["mask"], test["jets"], test["labels"])
+    assert len(SetsSplit(tmp_path / "generated.h5", processed / "normalisation.json", use_context=False)) == len(test["labels"])
+    with pytest.raises(PipelineError, match="relative jet features"):
+        SetsSplit(tmp_path / "generated.h5", processed / "normalisation.json", use_context=True)
