@@ -1,6 +1,6 @@
 """Sampling speed and quality: jets/s of each sampler at 25, 50, 100 and 200 steps, with W1M beside each.
 
-    python benchmarks/bench_sample.py [--experiment demo] [--jets-per-class 500] [--steps 25 50 100 200]
+    python benchmarks/bench_sample.py [--experiment demo] [--jets-per-class 500] [--steps 25 50 100 200] [--overrides ...]
 
 Uses the experiment's trained model and processed data as the stages do (run ``snakemake --cores 2``
 or ``python -m pipeline.train experiment=demo`` first). For every sampler and step count the
@@ -40,10 +40,11 @@ def main() -> None:
     parser.add_argument("--experiment", default="demo")
     parser.add_argument("--jets-per-class", type=int, default=500)
     parser.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides, e.g. results_dir=results/demo_long")
     args = parser.parse_args()
 
     with initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
-        base = compose("config", overrides=[f"experiment={args.experiment}", f"sample.n_jets={args.jets_per_class}"])
+        base = compose("config", overrides=[f"experiment={args.experiment}", *args.overrides, f"sample.n_jets={args.jets_per_class}"])
     test = read_sets(Path(base.data.processed_dir) / "test.h5")
     n_jets = args.jets_per_class * len(test["class_names"])
 
@@ -51,13 +52,13 @@ def main() -> None:
         return w1m(test["particles"], test["mask"], sets["particles"], sets["mask"], 5, n_jets, np.random.default_rng(0))
 
     print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{jax.local_device_count()} device(s); experiment {args.experiment}, {n_jets} jets per run")
+          f"{jax.local_device_count()} device(s); experiment {args.experiment} {' '.join(args.overrides)}, {n_jets} jets per run")
     print(f"| sampler | steps | network calls | jets/s | W1M ×10³ |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for sampler in SAMPLERS:
             for steps in args.steps:
                 with initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
-                    cfg = compose("config", overrides=[f"experiment={args.experiment}", f"sample.n_jets={args.jets_per_class}",
+                    cfg = compose("config", overrides=[f"experiment={args.experiment}", *args.overrides, f"sample.n_jets={args.jets_per_class}",
                                                        f"sample.sampler={sampler}", f"sample.steps={steps}"])
                 path = Path(folder) / f"{sampler}_{steps}.h5"
                 generate(cfg, path, progress=False)  # compiles

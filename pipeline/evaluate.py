@@ -29,8 +29,8 @@ Outputs in ``results/<experiment>/evaluate/``: ``metrics.json``, a flat dict wit
 ``n_reference``, ``n_other`` jets of each side in the group
 =========================== ===============================================================
 
-plus ``metrics.md`` (the table in the units papers quote) and ``plots/`` (``pipeline.plots``:
-samples vs reference). All values and plots go to the MLflow run.
+plus ``metrics.md`` and ``metrics.tsv`` (the table in the units papers quote) and ``plots/``
+(``pipeline.plots``: samples vs reference). All values and plots go to the MLflow run.
 """
 
 from __future__ import annotations
@@ -163,19 +163,30 @@ def evaluate(cfg: DictConfig, paths: dict[str, Path | None]) -> tuple[dict[str, 
     return results, reference, files["samples"]
 
 
-def markdown_table(metrics: dict[str, float]) -> str:
-    """The metrics as a Markdown table: one row per comparison and group, value ± uncertainty."""
-    rows = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in metrics))  # in the order they were computed
-    lines = ["| comparison | jets | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |",
-             "|---|---|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = []
+def table_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """The metrics as a table in the units papers quote: the header and one row per comparison and
+    group (in the order they were computed), each cell ``value ± uncertainty``."""
+    header = ["comparison", "jets", *(title for title, _, _ in TABLE_COLUMNS)]
+    rows = []
+    for row in dict.fromkeys(key.rsplit(".", 1)[0] for key in metrics):
+        comparison, group = row.split(".")
+        cells = ["model vs test" if comparison == "sample" else "train vs test (truth)", group]
         for _, metric, scale in TABLE_COLUMNS:
             value, error = metrics.get(f"{row}.{metric}"), metrics.get(f"{row}.{UNCERTAINTY.get(metric, metric + '_std')}")
             cells.append("" if value is None else f"{value * scale:.3g} ± {error * scale:.2g}")
-        comparison, group = row.split(".")
-        lines.append(f"| {'model vs test' if comparison == 'sample' else 'train vs test (truth)'} | {group} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return header, rows
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+    header, rows = table_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def tab_separated_table(metrics: dict[str, float]) -> str:
+    header, rows = table_rows(metrics)
+    return "\n".join("\t".join(cells) for cells in [header, *rows]) + "\n"
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -188,10 +199,13 @@ def main(cfg: Config) -> None:
             json.dump(metrics, file, indent=2)
         with atomic_output(output_dir / "metrics.md") as file:
             file.write(f"Samples: {paths['samples']}\nReference: {paths['reference']}\nTruth: {paths['truth']}\n\n{table}")
+        with atomic_output(output_dir / "metrics.tsv") as file:
+            file.write(tab_separated_table(metrics))
         plots = plot_comparison(reference, samples, output_dir / "plots", metrics)
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(output_dir / "metrics.json"))
         mlflow.log_artifact(str(output_dir / "metrics.md"))
+        mlflow.log_artifact(str(output_dir / "metrics.tsv"))
         for plot in plots:
             mlflow.log_artifact(str(plot), "plots")
         print(table, end="")

@@ -61,3 +61,21 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
     rerun = snakemake("--cores", "2", cwd=tmp_path)
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
+    report = snakemake("--report", "report.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert all(f"Adding {name}" in report.stdout + report.stderr for name in ("metrics.tsv", "jet_mass.png", "jet_images.png"))
+    assert (tmp_path / "report.html").stat().st_size > 100_000
+
+    def planned_rules(*overrides):
+        """The rules a dry run would run after changing the experiment's overrides."""
+        changed = {"experiments": {"demo": [*config["experiments"]["demo"], *overrides]}}
+        (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(changed))
+        plan = snakemake("--cores", "2", "-n", cwd=tmp_path)
+        assert plan.returncode == 0, plan.stderr
+        stats = (plan.stdout + plan.stderr).split("Job stats:")[1].split("total")[0]
+        return {line.split()[0] for line in stats.splitlines()[3:] if line.strip()}
+
+    assert planned_rules("train.steps=40") == {"train", "sample", "evaluate", "toy", "all"}
+    assert planned_rules("sample.steps=5") == {"sample", "evaluate", "toy", "all"}
+    assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
+    assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}

@@ -19,9 +19,23 @@ envvars:
     "PIPELINE_EXECUTION_ID",
 
 
-def hydra_overrides(experiment):
-    """The Hydra overrides of every stage of ``experiment``; its outputs go to results/<experiment>/."""
-    return [f"experiment={experiment}", *config["experiments"][experiment], f"results_dir=results/{experiment}"]
+# The config groups a stage reads: each rule passes only the overrides of the groups its stage and
+# the stages before it read (and those of no group, e.g. seed), so that changing an evaluate
+# setting reruns evaluate, a train setting train and what follows it, and nothing upstream.
+STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
+
+
+def override_group(override):
+    """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split("@", 1)[0].split(".", 1)[0]
+
+
+def hydra_overrides(experiment, groups=STAGE_GROUPS):
+    """The preset and the overrides of ``groups`` of ``experiment``; outputs go to results/<experiment>/."""
+    extra = [override for override in config["experiments"][experiment]
+             if override_group(override) in groups or override_group(override) not in STAGE_GROUPS]
+    return [f"experiment={experiment}", *extra, f"results_dir=results/{experiment}"]
 
 
 def compose_experiment(experiment):
@@ -58,14 +72,14 @@ for experiment, cfg in CONFIGS.items():
         )
 
 
-def hydra_args(wildcards):
-    """The preset and extra overrides of one experiment, quoted for the shell."""
-    return " ".join(shlex.quote(override) for override in hydra_overrides(wildcards.experiment))
+def hydra_args(*groups):
+    """A params function: the preset and the overrides of ``groups`` of one experiment, quoted for the shell."""
+    return lambda wildcards: " ".join(shlex.quote(override) for override in hydra_overrides(wildcards.experiment, groups))
 
 
 def dataset_hydra_args(wildcards):
-    """The overrides of the experiment that makes a dataset's files, quoted for the shell."""
-    return " ".join(shlex.quote(override) for override in hydra_overrides(DATASETS[wildcards.dataset]))
+    """The data overrides of the experiment that makes a dataset's files, quoted for the shell."""
+    return " ".join(shlex.quote(override) for override in hydra_overrides(DATASETS[wildcards.dataset], ("data",)))
 
 
 def dataset_settings(wildcards):

@@ -11,7 +11,7 @@ rule sample:
     output:
         "results/{experiment}/sample/samples.h5",
     params:
-        hydra=hydra_args,
+        hydra=hydra_args("data", "model", "train", "sample"),
         settings=sample_settings,
     log:
         "results/{experiment}/logs/sample.log",
@@ -35,8 +35,23 @@ rule evaluate:
     output:
         metrics="results/{experiment}/evaluate/metrics.json",
         table="results/{experiment}/evaluate/metrics.md",
+        report_table=report(
+            "results/{experiment}/evaluate/metrics.tsv",
+            caption="../report/metrics.rst",
+            category="{experiment}",
+            subcategory="metrics",
+            labels={"experiment": "{experiment}", "figure": "metrics table"},
+        ),
+        plots=report(
+            directory("results/{experiment}/evaluate/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="{experiment}",
+            subcategory="plots",
+            labels={"experiment": "{experiment}", "figure": "{name}"},
+        ),
     params:
-        hydra=hydra_args,
+        hydra=hydra_args(*STAGE_GROUPS),
         settings=evaluate_settings,
     log:
         "results/{experiment}/logs/evaluate.log",
@@ -59,7 +74,7 @@ rule likelihood:
     output:
         "results/{experiment}/likelihood/metrics.json",
     params:
-        hydra=hydra_args,
+        hydra=hydra_args("data", "model", "train", "likelihood"),
         settings=likelihood_settings,
     log:
         "results/{experiment}/logs/likelihood.log",

@@ -9,7 +9,7 @@ rule train:
     output:
         "results/{experiment}/train/checkpoint.json",
     params:
-        hydra=hydra_args,
+        hydra=hydra_args("data", "model", "train"),
         settings=train_settings,
     log:
         "results/{experiment}/logs/train.log",
