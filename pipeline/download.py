@@ -251,22 +251,33 @@ def obtain(registry: pooch.Pooch, name: str, remote: RemoteFile, url: str, raw_d
                     seconds=seconds if downloaded else 0.0)
 
 
+def needed_files(data: DataConfig) -> dict:
+    """The entries of ``data.files`` the dataset uses: for JetNet, one file per class, only those of
+    ``data.class_names`` (a gluon-only experiment downloads only gluon jets); otherwise all of them."""
+    if Source(data.source) != Source.jetnet:
+        return dict(data.files)
+    wanted = {data.labels.get(name, f"{name}.hdf5") for name in data.class_names}
+    return {name: remote for name, remote in data.files.items() if name in wanted}
+
+
 def download(data: DataConfig, raw_dir: Path) -> tuple[list[dict], dict[str, float]]:
-    """Obtain every file of ``data.files`` in ``raw_dir``; return their records and the run's metrics."""
+    """Obtain every needed file of ``data.files`` (:func:`needed_files`) in ``raw_dir``; return their
+    records and the run's metrics."""
+    files = needed_files(data)
     if not data.verify:
         warnings.warn("data.verify=false: the files are used without checking their checksums.", stacklevel=2)
-    unknown = [name for name, remote in data.files.items() if remote.known_hash is None]
+    unknown = [name for name, remote in files.items() if remote.known_hash is None]
     if data.verify and unknown:
         warnings.warn(f"{', '.join(unknown)}: no known_hash in data.files, so not verified; download.json records "
                       f"the sha256.", stacklevel=2)
-    urls = {name: f"{data.base_url.rstrip('/')}/{remote.path}" for name, remote in data.files.items()}
+    urls = {name: f"{data.base_url.rstrip('/')}/{remote.path}" for name, remote in files.items()}
     registry = pooch.create(
         path=raw_dir, base_url=data.base_url, urls=urls,
-        registry={name: remote.known_hash if data.verify else None for name, remote in data.files.items()},
+        registry={name: remote.known_hash if data.verify else None for name, remote in files.items()},
         allow_updates=False,  # a present file that differs is an error, never replaced
     )
     obtained = []
-    for name, remote in data.files.items():
+    for name, remote in files.items():
         outcome = obtain(registry, name, remote, urls[name], raw_dir)
         print(f"download: {name}: {'downloaded' if outcome.downloaded else 'present'}, "
               f"{'verified' if outcome.verified else 'not verified'}")

@@ -140,6 +140,14 @@ def test_a_run_downloads_verifies_and_records_every_file(tmp_path, server):
     assert metrics["bytes_downloaded"] == sum(map(len, CONTENTS.values())) and metrics["download_mb_per_s"] > 0
 
 
+def test_a_jetnet_experiment_downloads_only_the_files_of_its_classes(tmp_path, server, capsys):
+    raw = tmp_path / "raw"
+    status, _ = run_in_process(capsys, *jetnet(server, raw, "data.class_names=[t]"))
+    assert status == 0
+    assert sorted(path.name for path in raw.glob("*.hdf5")) == ["t.hdf5"]
+    assert [path for path, _ in server.requests] == [url_path("jetnet30", "t.hdf5")]
+
+
 def test_a_cut_transfer_resumes_where_it_stopped(tmp_path, server, capsys):
     overrides = jetnet(server, tmp_path / "raw")
     g = url_path("jetnet30", "g.hdf5")

@@ -28,6 +28,20 @@ def test_dry_run_plans_the_default_target():
     assert all(rule in result.stdout for rule in ("generate", "preprocess", "train", "sample", "evaluate", "toy", "all"))
 
 
+def test_every_experiment_preset_plans_its_whole_pipeline(tmp_path):
+    """A dry run of the full DAG with every preset in pipeline/conf/experiment as an experiment."""
+    presets = sorted(path.stem for path in (PROJECT_ROOT / "pipeline" / "conf" / "experiment").glob("*.yaml"))
+    assert {"demo", "jetnet30_gluon", "jetnet30_top", "jetnet150_gluon", "jetnet150_top", "jetclass", "toptagging", "qg"} <= set(presets)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"experiments": {name: [] for name in presets}}))
+    result = snakemake("--cores", "2", "-n", "--forceall", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = result.stdout.split("Job stats:")[1].split("total")[0]
+    counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if line.strip()}
+    assert counts["train"] == counts["sample"] == counts["evaluate"] == len(presets)
+    assert counts["download"] == len(presets) - 1  # every preset but demo downloads its own dataset
+
+
 def test_bad_workflow_config_is_refused(tmp_path):
     bad = tmp_path / "config.yaml"
     bad.write_text("experiments:\n  demo: 3\n")
