@@ -2,8 +2,12 @@
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,6 +19,16 @@ from pipeline.sets import read_sets
 
 def snakemake(*args, cwd=PROJECT_ROOT):
     return subprocess.run(["snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
+
+
+def copy_workflow(folder, *overrides) -> dict:
+    """The workflow in ``folder`` with one experiment, demo with a tiny model and dataset; returns its config."""
+    for name in ("Snakefile", "workflow", "environment.yml"):
+        source = PROJECT_ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
+    config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40", *overrides]}}
+    (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+    return config
 
 
 def test_workflow_lints_clean():
@@ -52,11 +66,7 @@ def test_bad_workflow_config_is_refused(tmp_path):
 
 def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     """A real `snakemake --cores 2` in a copy of the workflow, with a tiny model."""
-    for name in ("Snakefile", "workflow", "environment.yml"):
-        source = PROJECT_ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40"]}}
-    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+    config = copy_workflow(tmp_path)
     result = snakemake("--cores", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((tmp_path / "results/demo/toy/metrics.json").read_text())
@@ -93,3 +103,41 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert planned_rules("sample.steps=5") == {"sample", "evaluate", "toy", "all"}
     assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
+
+
+def training_process(folder) -> int:
+    """The process id of the training stage a workflow in ``folder`` runs."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"pipeline.train" in command and os.readlink(f"/proc/{pid}/cwd") == str(folder):
+                return int(pid)
+        except OSError:  # the process ended meanwhile
+            continue
+    raise AssertionError("no training process found")
+
+
+def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path):
+    """The training job is killed outright (SIGKILL: a lost node, the OOM killer); the same command
+    again continues training from the last checkpoint, in the same MLflow run."""
+    copy_workflow(tmp_path, "train.steps=1500", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
+    process = subprocess.Popen(["snakemake", "--cores", "2"], cwd=tmp_path, env=os.environ,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "results/demo/train/checkpoints/latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_dir() and any(path.name.isdigit() for path in latest.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, "training never saved a checkpoint"
+        time.sleep(0.2)
+    os.kill(training_process(tmp_path), signal.SIGKILL)
+    assert process.wait(timeout=300) != 0
+    assert not (tmp_path / "results/demo/train/checkpoint.json").exists()
+    saved = max(int(path.name) for path in latest.iterdir() if path.name.isdigit())
+
+    result = snakemake("--cores", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "results/demo/logs/train.log").read_text()
+    first_logged = int(re.search(r"train: step (\d+)/", log).group(1))
+    assert first_logged > saved >= 25  # continued from the checkpoint, not from step 0
+    assert json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())["step"] == 1500
+    train_runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'train'")
+    assert len(train_runs) == 1 and train_runs["status"].iloc[0] == "FINISHED"  # the same MLflow run, continued
