@@ -1,10 +1,12 @@
 import os
+import shutil
 import sys
 import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +47,13 @@ def compose_config(*overrides: str):
     """The config a stage composes from these overrides, for calling a stage's code in-process."""
     with initialize_config_dir(str(PROJECT_ROOT / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def copy_workflow(folder, *overrides) -> dict:
+    """The workflow in ``folder`` with one experiment, demo with a tiny model and dataset; returns its config."""
+    for name in ("Snakefile", "workflow", "environment.yml"):
+        source = PROJECT_ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
+    config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40", *overrides]}}
+    (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+    return config

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -13,22 +12,12 @@ import mlflow
 import numpy as np
 import yaml
 
-from conftest import PROJECT_ROOT, TINY
+from conftest import PROJECT_ROOT, copy_workflow
 from pipeline.sets import read_sets
 
 
 def snakemake(*args, cwd=PROJECT_ROOT):
     return subprocess.run(["snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
-
-
-def copy_workflow(folder, *overrides) -> dict:
-    """The workflow in ``folder`` with one experiment, demo with a tiny model and dataset; returns its config."""
-    for name in ("Snakefile", "workflow", "environment.yml"):
-        source = PROJECT_ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
-    config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40", *overrides]}}
-    (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
-    return config
 
 
 def test_workflow_lints_clean():

@@ -1,0 +1,72 @@
+"""The workflow submitted to a real SLURM cluster with workflow/profiles/slurm: a single-node cluster
+on this machine (tests/slurm_cluster.sh) runs the tiny pipeline, one SLURM job per stage."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import copy_workflow
+
+CLUSTER = Path(__file__).with_name("slurm_cluster.sh")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node SLURM cluster, stopped after the module's tests."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a SLURM cluster needs root")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and there is no apt-get to install it")
+    start = subprocess.run(["bash", CLUSTER, "start"], capture_output=True, text=True, timeout=600)
+    if start.returncode != 0 and not shutil.which("slurmctld"):
+        pytest.skip(f"could not install SLURM with apt-get: {start.stderr.strip()[-500:]}")
+    assert start.returncode == 0, start.stderr
+    yield
+    subprocess.run(["bash", CLUSTER, "stop"], check=True, timeout=120)
+
+
+def slurm_jobs(run_id) -> list[dict]:
+    """The SLURM jobs of one Snakemake run (the plugin names every job after the run's id)."""
+    fields = ("id", "state", "comment", "tres_per_job")
+    listing = subprocess.run(
+        ["squeue", "--states=all", "--noheader", f"--name={run_id}", "--Format=JobID:|,State:|,Comment:|,tres-per-job:|"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [dict(zip(fields, line.split("|"))) for line in listing.splitlines()]
+
+
+@pytest.mark.slow
+def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
+    # One shard per class: three generate jobs, not six, to keep the test short.
+    copy_workflow(tmp_path, "data.generator.n_shards=1")
+    result = subprocess.run(
+        # The profile as users run it; only the first status check comes sooner (jobs here take seconds).
+        ["snakemake", "--profile", "workflow/profiles/slurm", "--slurm-init-seconds-before-status-checks=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=os.environ,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    metrics = json.loads((tmp_path / "results/demo/evaluate/metrics.json").read_text())
+    assert "sample.all.w1m" in metrics
+    assert (tmp_path / "results/demo/toy/metrics.json").is_file()
+
+    # Every stage ran as its own SLURM job, and train and sample asked for the profile's GPU.
+    jobs = slurm_jobs(re.search(r"SLURM run ID: (\S+)", output).group(1))
+    assert all(job["state"] == "COMPLETED" for job in jobs), jobs
+    rules = Counter(re.match(r"rule_([a-z]+)", job["comment"]).group(1) for job in jobs)
+    assert rules == {"generate": 3, "preprocess": 1, "train": 1, "sample": 1, "evaluate": 1, "toy": 1}
+    gpu_rules = {job["comment"] for job in jobs if "gpu:1" in job["tres_per_job"]}
+    assert gpu_rules == {"rule_train_wildcards_demo", "rule_sample_wildcards_demo"}
+
+    # The jobs saw the submitting shell's environment: they logged to the test's tracking store, all
+    # with the one execution id that the Snakemake process made.
+    runs = mlflow.search_runs(experiment_names=["demo"])
+    assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 3 + ["preprocess", "sample", "toy", "train"]
+    assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
