@@ -69,13 +69,19 @@ def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = Non
     under ``data/``, shared by every experiment). The resolved config is written there first, as
     ``config_file``. A ``PipelineError`` is reported as one line on stderr and exit status 2 (the
     MLflow run is marked FAILED). ``resume_run_id`` continues an earlier MLflow run.
+
+    The MLflow run is named ``name``; an experiment's own stages whose results folder is not named
+    after its MLflow experiment (a point of a workflow sweep, ``results/demo_lr_1``) add the folder's
+    name (``train demo_lr_1``), so the runs of a sweep tell apart in the MLflow UI.
     """
+    results = Path(cfg.results_dir).name
+    run_name = name if output_dir is not None or results == cfg.name else f"{name} {results}"
     output_dir = Path(output_dir if output_dir is not None else HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(output_dir / config_file) as file:
         file.write(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        with stage_run(cfg.name, name, cfg, resume_run_id=resume_run_id):
+        with stage_run(cfg.name, run_name, cfg, stage=name, resume_run_id=resume_run_id):
             yield output_dir
     except PipelineError as error:
         print(f"{name}: error: {error}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Tracking model:
 
 - one MLflow experiment per pipeline experiment (the config's ``name``);
-- one MLflow run per stage execution, named after the stage and tagged ``pipeline.stage``;
+- one MLflow run per stage execution, named after the stage (plus the results folder of a sweep
+  point, see :func:`pipeline.stage.stage`) and tagged ``pipeline.stage``;
 - every run of one workflow execution carries the same ``pipeline.execution`` tag. Snakemake sets
   ``PIPELINE_EXECUTION_ID`` once per execution and every stage inherits it, so one filter finds
   the whole execution::
@@ -204,14 +205,14 @@ class Interrupted(SystemExit):
 
 @contextmanager
 def stage_run(
-    experiment: str, stage: str, config: Mapping, *, tags: Mapping[str, str] | None = None,
-    resume_run_id: str | None = None,
+    experiment: str, run_name: str, config: Mapping, *, stage: str | None = None,
+    tags: Mapping[str, str] | None = None, resume_run_id: str | None = None,
 ) -> Iterator[Run]:
     """Run one stage execution inside an MLflow run; yields the active run.
 
     Points MLflow at :func:`tracking_uri`, makes the store and the experiment if needed
-    (:func:`ensure_experiment`), and starts a run named ``stage`` tagged with ``tags``,
-    ``pipeline.stage`` and ``pipeline.execution`` (:func:`execution_id`). Logs the flattened
+    (:func:`ensure_experiment`), and starts a run named ``run_name`` tagged with ``tags``,
+    ``pipeline.stage`` (``stage``, default ``run_name``) and ``pipeline.execution`` (:func:`execution_id`). Logs the flattened
     config as params, in batches within MLflow's per-request limit, and the resolved config as the
     artifact ``config.yaml``. The run ends FINISHED, or FAILED when the block raises (KILLED on
     Ctrl-C or :class:`Interrupted`); the exception propagates. ``resume_run_id`` continues that
@@ -220,11 +221,11 @@ def stage_run(
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, uri)
-    run_tags = {**(tags or {}), STAGE_TAG: stage, EXECUTION_TAG: execution_id()}
+    run_tags = {**(tags or {}), STAGE_TAG: stage or run_name, EXECUTION_TAG: execution_id()}
     if resume_run_id is not None:
         run = mlflow.start_run(run_id=resume_run_id, tags=run_tags)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
     try:
         if resume_run_id is None:
             params = [Param(key, value) for key, value in flatten_config(config).items()]

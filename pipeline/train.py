@@ -87,15 +87,19 @@ def check_resumable(previous_config: Path, cfg: DictConfig) -> None:
 
 def join_processes() -> None:
     """Join the other processes of a multi-process job, before any device is touched."""
+    # Collectives between processes on CPUs (a test, a CPU cluster); GPUs use NCCL regardless.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives between CPU processes
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()  # JAX reads the SLURM environment
+        jax.distributed.initialize()  # JAX reads the SLURM environment (srun's tasks: the train rule's launcher)
+    if jax.process_count() > 1:
+        print(f"train: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
 
 
 def replicate(tree):
@@ -276,7 +280,8 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     final_step = int(unreplicate(replicated.step))
     if start_step >= train_cfg.steps:
         print(f"train: already at step {final_step} of {train_cfg.steps}; nothing to do", flush=True)
-    return {"step": final_step, **checkpoints.paths(), "best_val_nelbo_bpd": best_val}
+    return {"step": final_step, **checkpoints.paths(), "best_val_nelbo_bpd": best_val,
+            "processes": jax.process_count(), "devices": jax.device_count()}
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from conftest import copy_workflow
 
@@ -34,9 +35,10 @@ def slurm_cluster():
 
 def slurm_jobs(run_id) -> list[dict]:
     """The SLURM jobs of one Snakemake run (the plugin names every job after the run's id)."""
-    fields = ("id", "state", "comment", "tres_per_job")
+    fields = ("id", "state", "comment", "tres_per_job", "tasks")
     listing = subprocess.run(
-        ["squeue", "--states=all", "--noheader", f"--name={run_id}", "--Format=JobID:|,State:|,Comment:|,tres-per-job:|"],
+        ["squeue", "--states=all", "--noheader", f"--name={run_id}",
+         "--Format=JobID:|,State:|,Comment:|,tres-per-job:|,NumTasks:|"],
         capture_output=True, text=True, check=True,
     ).stdout
     return [dict(zip(fields, line.split("|"))) for line in listing.splitlines()]
@@ -44,11 +46,16 @@ def slurm_jobs(run_id) -> list[dict]:
 
 @pytest.mark.slow
 def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
-    # One shard per class: three generate jobs, not six, to keep the test short.
-    copy_workflow(tmp_path, "data.generator.n_shards=1")
+    # One shard per class: three generate jobs, not six, to keep the test short. Training runs as
+    # two processes of one job (two SLURM tasks under srun, joined by jax.distributed), as it would on
+    # two nodes; one CPU each, so that both fit on this machine's two.
+    config = copy_workflow(tmp_path, "data.generator.n_shards=1")
+    config["distributed_training"] = {"demo": {"nodes": 1, "tasks_per_node": 2}}
+    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
         # The profile as users run it; only the first status check comes sooner (jobs here take seconds).
-        ["snakemake", "--profile", "workflow/profiles/slurm", "--slurm-init-seconds-before-status-checks=1"],
+        ["snakemake", "--profile", "workflow/profiles/slurm", "--slurm-init-seconds-before-status-checks=1",
+         "--set-threads", "train=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env=os.environ,
     )
     output = result.stdout + result.stderr
@@ -64,6 +71,11 @@ def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
     assert rules == {"generate": 3, "preprocess": 1, "train": 1, "sample": 1, "evaluate": 1, "toy": 1}
     gpu_rules = {job["comment"] for job in jobs if "gpu:1" in job["tres_per_job"]}
     assert gpu_rules == {"rule_train_wildcards_demo", "rule_sample_wildcards_demo"}
+    tasks = {job["comment"]: job["tasks"] for job in jobs}
+    assert tasks["rule_train_wildcards_demo"] == "2" and tasks["rule_sample_wildcards_demo"] == "1"
+    trained = json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())
+    assert trained["processes"] == 2 and trained["step"] == 30
+    assert "process 1 of 2" in (tmp_path / "results/demo/logs/train.log").read_text()
 
     # The jobs saw the submitting shell's environment: they logged to the test's tracking store, all
     # with the one execution id that the Snakemake process made.

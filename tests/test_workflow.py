@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import yaml
 
-from conftest import PROJECT_ROOT, copy_workflow
+from conftest import PROJECT_ROOT, TINY, copy_workflow
 from pipeline.sets import read_sets
 
 
@@ -43,6 +43,51 @@ def test_every_experiment_preset_plans_its_whole_pipeline(tmp_path):
     counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if line.strip()}
     assert counts["train"] == counts["sample"] == counts["evaluate"] == len(presets)
     assert counts["download"] == len(presets) - 1  # every preset but demo downloads its own dataset
+
+
+def planned_commands(folder, config) -> dict[str, list[str]]:
+    """Rule name -> the shell commands a dry run of the workflow in ``folder`` with ``config`` would run."""
+    (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake("--cores", "2", "-n", "-p", "--forceall", cwd=folder)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    commands = {}
+    for rule, command in re.findall(r"^rule (\w+):.*?\nShell command: (.*?)$", plan.stdout, re.S | re.M):
+        commands.setdefault(rule, []).append(command)
+    return commands
+
+
+def test_a_sweep_becomes_one_experiment_per_combination_and_distributed_training_uses_srun(tmp_path):
+    copy_workflow(tmp_path)
+    commands = planned_commands(tmp_path, {
+        "experiments": {"demo": [], "demo_wide": ["experiment=demo", "model.d_model=32"]},
+        "sweeps": {"lr": ["experiment=demo", "train.learning_rate=1e-3,3e-4", "model.n_layers=range(1,3)"]},
+        "distributed_training": {"demo_wide": {"nodes": 2, "tasks_per_node": 4}},
+    })
+    train = sorted(commands["train"])
+    assert len(train) == 6 and len(commands["evaluate"]) == 6 and len(commands["preprocess"]) == 1  # one shared dataset
+    points = [(0.001, 1), (0.001, 2), (0.0003, 1), (0.0003, 2)]  # Hydra's multirun order
+    for index, (learning_rate, layers) in enumerate(points):
+        assert f"python -m pipeline.train experiment=demo name=lr train.learning_rate={learning_rate} model.n_layers={layers} " \
+               f"results_dir=results/lr_{index} > results/lr_{index}/logs/train.log" in " ".join(train)
+    assert "python -m pipeline.train experiment=demo results_dir=results/demo >" in " ".join(train)
+    [wide] = [command for command in train if "results/demo_wide" in command]
+    assert wide.startswith("srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --cpus-per-task=2 --kill-on-bad-exit=1 python -m pipeline.train "
+                           "experiment=demo model.d_model=32 results_dir=results/demo_wide")
+    assert not any(command.startswith("srun") for rule in ("sample", "evaluate") for command in commands[rule])
+
+
+def test_bad_sweeps_and_distributed_training_are_refused(tmp_path):
+    copy_workflow(tmp_path)
+    for config, message in [
+        ({"experiments": {}}, "names no experiment"),
+        ({"experiments": {}, "sweeps": {"lr": ["experiment=demo", "train.learning_rate=interval(0.1,0.2)"]}}, "continuous interval"),
+        ({"experiments": {"lr_0": []}, "sweeps": {"lr": ["experiment=demo", "seed=1,2"]}}, "already an experiment"),
+        ({"experiments": {"demo": []}, "distributed_training": {"demo_wide": {"nodes": 2}}}, "not an experiment"),
+        ({"experiments": {"demo": []}, "distributed_training": {"demo": {"nodes": 0}}}, "validat"),
+    ]:
+        (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+        result = snakemake("--cores", "1", "-n", cwd=tmp_path)
+        assert result.returncode != 0 and message in (result.stdout + result.stderr), (config, result.stdout + result.stderr)
 
 
 def test_bad_workflow_config_is_refused(tmp_path):
@@ -92,6 +137,27 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert planned_rules("sample.steps=5") == {"sample", "evaluate", "toy", "all"}
     assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
+
+
+def test_a_sweep_runs_and_its_points_compare_side_by_side_in_mlflow(tmp_path):
+    """Two learning rates as a sweep: two experiments with their own results, one MLflow experiment
+    in which their evaluate runs carry the train params beside the metrics."""
+    copy_workflow(tmp_path)
+    tiny_data = ["data.generator.jets_per_shard=20", "data.generator.batch_events=40", "data.generator.n_shards=1"]
+    config = {"experiments": {}, "sweeps": {"lr": ["experiment=demo", *TINY, *tiny_data, "train.learning_rate=1e-3,3e-4"]}}
+    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake("--cores", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for point in ("lr_0", "lr_1"):
+        assert "sample.all.w1m" in json.loads((tmp_path / f"results/{point}/evaluate/metrics.json").read_text())
+    evaluations = mlflow.search_runs(experiment_names=["lr"], filter_string="tags.`pipeline.stage` = 'evaluate'")
+    compared = evaluations.set_index("tags.mlflow.runName")[["params.train.learning_rate", "metrics.sample.all.w1m"]]
+    assert sorted(compared.index) == ["evaluate lr_0", "evaluate lr_1"]
+    assert compared.loc["evaluate lr_0", "params.train.learning_rate"] == "0.001"
+    assert compared.loc["evaluate lr_1", "params.train.learning_rate"] == "0.0003"
+    assert np.isfinite(compared["metrics.sample.all.w1m"]).all()
+    trainings = mlflow.search_runs(experiment_names=["lr"], filter_string="tags.`pipeline.stage` = 'train'")
+    assert sorted(trainings["tags.mlflow.runName"]) == ["train lr_0", "train lr_1"]
 
 
 def training_process(folder) -> int:

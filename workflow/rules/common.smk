@@ -1,17 +1,65 @@
 # Shared by all rules: the experiments to run, their Hydra configs, the datasets they need, and the
 # id that ties together every MLflow run of one workflow execution (tag `pipeline.execution`).
+import itertools
 import os
 import shlex
 import uuid
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
 import pipeline
 from pipeline.config import Source
 
-EXPERIMENTS = list(config["experiments"])
+
+def with_preset(name, overrides):
+    """``overrides`` with the preset first: the list's ``experiment=<preset>``, else the preset ``name``."""
+    presets = [override for override in overrides if override.split("=", 1)[0] == "experiment"]
+    others = [override for override in overrides if override.split("=", 1)[0] != "experiment"]
+    return [presets[-1] if presets else f"experiment={name}", *others]
+
+
+def sweep_experiments(sweep, overrides):
+    """The experiments of one sweep: ``{<sweep>_<i>: overrides}``, one per combination of the swept
+    values (Hydra's multirun syntax: ``a=1,2``, ``range(...)``, ``choice(...)``) in the order Hydra's
+    multirun would run them, each logging to the MLflow experiment ``<sweep>`` unless it sets ``name``."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise WorkflowError(f"sweep {sweep}: {error}") from None
+    choices = []
+    for override in parsed:
+        if override.is_interval_sweep():
+            raise WorkflowError(f"sweep {sweep}: {override.input_line} is a continuous interval; list the values to run instead.")
+        if override.is_sweep_override():
+            choices.append([f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    name = [] if any(override.get_key_element() == "name" for override in parsed) else [f"name={sweep}"]
+    return {f"{sweep}_{index}": [*name, *point] for index, point in enumerate(itertools.product(*choices))}
+
+
+def workflow_experiments():
+    """Every experiment to run, ``{name: [experiment=<preset>, overrides...]}``: those of
+    ``experiments`` and the points of every sweep."""
+    experiments = {name: with_preset(name, overrides) for name, overrides in config["experiments"].items()}
+    for sweep, overrides in config["sweeps"].items():
+        for name, point in sweep_experiments(sweep, overrides).items():
+            if name in experiments:
+                raise WorkflowError(f"sweep {sweep} makes experiment {name}, which is already an experiment; rename one of them.")
+            experiments[name] = with_preset(sweep, point)
+    if not experiments:
+        raise WorkflowError("the workflow config names no experiment: add one under experiments (e.g. demo: []) or a sweep.")
+    unknown = set(config["distributed_training"]) - set(experiments)
+    if unknown:
+        raise WorkflowError(f"distributed_training names {', '.join(sorted(unknown))}, not an experiment of the workflow config.")
+    return experiments
+
+
+EXPERIMENTS = workflow_experiments()
 os.environ.setdefault("PIPELINE_EXECUTION_ID", uuid.uuid4().hex)
 
 
@@ -33,9 +81,10 @@ def override_group(override):
 
 def hydra_overrides(experiment, groups=STAGE_GROUPS):
     """The preset and the overrides of ``groups`` of ``experiment``; outputs go to results/<experiment>/."""
-    extra = [override for override in config["experiments"][experiment]
+    preset, *others = EXPERIMENTS[experiment]
+    extra = [override for override in others
              if override_group(override) in groups or override_group(override) not in STAGE_GROUPS]
-    return [f"experiment={experiment}", *extra, f"results_dir=results/{experiment}"]
+    return [preset, *extra, f"results_dir=results/{experiment}"]
 
 
 def compose_experiment(experiment):
@@ -45,6 +94,22 @@ def compose_experiment(experiment):
 
 
 CONFIGS = {experiment: compose_experiment(experiment) for experiment in EXPERIMENTS}
+
+
+def training_processes(wildcards):
+    """SLURM nodes and training processes of an experiment (workflow config distributed_training)."""
+    layout = config["distributed_training"].get(wildcards.experiment, {})
+    nodes = layout.get("nodes", 1)
+    return nodes, nodes * layout.get("tasks_per_node", 1)
+
+
+def training_launcher(wildcards, threads):
+    """The command that starts training: srun with one task per process when an experiment trains
+    on several (they join with jax.distributed; see pipeline.train), else nothing."""
+    nodes, tasks = training_processes(wildcards)
+    if tasks == 1:
+        return ""
+    return f"srun --nodes={nodes} --ntasks={tasks} --ntasks-per-node={tasks // nodes} --cpus-per-task={threads} --kill-on-bad-exit=1 "
 
 
 def data_settings(cfg):
