@@ -2,7 +2,7 @@
 # A throw-away single-node SLURM cluster on this machine, for tests/test_slurm.py (root, Debian).
 #
 #   tests/slurm_cluster.sh start   # install slurm-wlm + munge if missing, start munged, slurmctld, slurmd
-#   tests/slurm_cluster.sh stop    # stop the daemons this script started
+#   tests/slurm_cluster.sh stop    # stop the daemons this script started, remove its config
 #
 # `start` on a running cluster changes nothing. The config goes to /etc/slurm/slurm.conf, where every
 # SLURM command looks by default: the srun that Snakemake's SLURM plugin runs inside each job drops
@@ -123,6 +123,11 @@ stop() {
         munged --stop >/dev/null 2>&1 || true
         rm "$DIR/munged.ours"
     fi
+    # Remove our config: with it and no slurmctld, every SLURM command (and so every later snakemake,
+    # whose SLURM plugin asks `scontrol show config` when it loads) waits ~10 s for the controller.
+    for file in "$CONF" /etc/slurm/gres.conf; do
+        if [ -e "$file" ] && head -1 "$file" | grep -qx "$MARK"; then rm "$file"; fi
+    done
 }
 
 case ${1:-} in

@@ -45,25 +45,6 @@ def test_every_experiment_preset_plans_its_whole_pipeline(tmp_path):
     assert counts["download"] == len(presets) - 1  # every preset but demo downloads its own dataset
 
 
-def test_one_target_runs_only_what_it_needs_and_a_stage_run_directly_writes_the_same_file(tmp_path):
-    """`snakemake results/demo/train/checkpoint.json` stops after training; `python -m pipeline.sample`
-    run by hand and the workflow's sample rule write the same samples.h5."""
-    config = copy_workflow(tmp_path, "data.generator.n_shards=1")
-    result = snakemake("--cores", "2", "results/demo/train/checkpoint.json", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "results/demo/train/checkpoint.json").is_file() and not (tmp_path / "results/demo/sample").exists()
-
-    by_hand = run_stage("sample", "experiment=demo", *config["experiments"]["demo"], "results_dir=results/demo", cwd=tmp_path)
-    assert by_hand.returncode == 0, by_hand.stderr
-    samples = tmp_path / "results/demo/sample/samples.h5"
-    written_by_hand = read_sets(samples)
-    result = snakemake("--cores", "2", "--forcerun", "sample", str(samples.relative_to(tmp_path)), cwd=tmp_path)
-    assert result.returncode == 0 and "rule sample" in result.stdout + result.stderr, result.stdout + result.stderr
-    written_by_workflow = read_sets(samples)
-    for key in ("particles", "mask", "labels", "jets"):
-        np.testing.assert_array_equal(written_by_workflow[key], written_by_hand[key])
-
-
 def planned_commands(folder, config) -> dict[str, list[str]]:
     """Rule name -> the shell commands a dry run of the workflow in ``folder`` with ``config`` would run."""
     (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -158,17 +139,32 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
 
 
-def test_a_sweep_runs_and_its_points_compare_side_by_side_in_mlflow(tmp_path):
-    """Two learning rates as a sweep: two experiments with their own results, one MLflow experiment
-    in which their evaluate runs carry the train params beside the metrics."""
+def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_mlflow(tmp_path):
+    """Two learning rates as a sweep. A target file runs only what it needs; a stage run by hand
+    writes the file the workflow writes; then the whole sweep runs, and its points share one
+    MLflow experiment in which each evaluate run carries the train params beside the metrics."""
     copy_workflow(tmp_path)
-    tiny_data = ["data.generator.jets_per_shard=20", "data.generator.batch_events=40", "data.generator.n_shards=1"]
-    config = {"experiments": {}, "sweeps": {"lr": ["experiment=demo", *TINY, *tiny_data, "train.learning_rate=1e-3,3e-4"]}}
-    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake("--cores", "2", cwd=tmp_path)
+    point = ["experiment=demo", *TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40",
+             "data.generator.n_shards=1", "train.learning_rate=1e-3,3e-4"]
+    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump({"experiments": {}, "sweeps": {"lr": point}}))
+    result = snakemake("--cores", "2", "results/lr_0/train/checkpoint.json", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    for point in ("lr_0", "lr_1"):
-        assert "sample.all.w1m" in json.loads((tmp_path / f"results/{point}/evaluate/metrics.json").read_text())
+    assert (tmp_path / "results/lr_0/train/checkpoint.json").is_file()
+    assert not (tmp_path / "results/lr_0/sample").exists() and not (tmp_path / "results/lr_1").exists()
+
+    # The sweep's first point by hand, as the workflow would run it: preset, MLflow experiment, values.
+    by_hand = run_stage("sample", "name=lr", *point[:-1], "train.learning_rate=0.001", "results_dir=results/lr_0", cwd=tmp_path)
+    assert by_hand.returncode == 0, by_hand.stderr
+    samples = tmp_path / "results/lr_0/sample/samples.h5"
+    written_by_hand = read_sets(samples)
+    result = snakemake("--cores", "2", "--forcerun", "sample", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written_by_workflow = read_sets(samples)
+    for key in ("particles", "mask", "labels", "jets"):
+        np.testing.assert_array_equal(written_by_workflow[key], written_by_hand[key])
+
+    for name in ("lr_0", "lr_1"):
+        assert "sample.all.w1m" in json.loads((tmp_path / f"results/{name}/evaluate/metrics.json").read_text())
     evaluations = mlflow.search_runs(experiment_names=["lr"], filter_string="tags.`pipeline.stage` = 'evaluate'")
     compared = evaluations.set_index("tags.mlflow.runName")[["params.train.learning_rate", "metrics.sample.all.w1m"]]
     assert sorted(compared.index) == ["evaluate lr_0", "evaluate lr_1"]
@@ -194,7 +190,7 @@ def training_process(folder) -> int:
 def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path):
     """The training job is killed outright (SIGKILL: a lost node, the OOM killer); the same command
     again continues training from the last checkpoint, in the same MLflow run."""
-    copy_workflow(tmp_path, "train.steps=1500", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
+    copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=1500", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
     process = subprocess.Popen(["snakemake", "--cores", "2"], cwd=tmp_path, env=os.environ,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "results/demo/train/checkpoints/latest"
