@@ -26,3 +26,4 @@ rule all:
     input:
         expand("results/{experiment}/toy/metrics.json", experiment=EXPERIMENTS),
         expand("results/{experiment}/evaluate/metrics.json", experiment=EXPERIMENTS),
+        expand("results/{experiment}/likelihood/metrics.json", experiment=config["likelihood"]),

@@ -62,7 +62,10 @@ def test_a_sweep_becomes_one_experiment_per_combination_and_distributed_training
         "experiments": {"demo": [], "demo_wide": ["experiment=demo", "model.d_model=32"]},
         "sweeps": {"lr": ["experiment=demo", "train.learning_rate=1e-3,3e-4", "model.n_layers=range(1,3)"]},
         "distributed_training": {"demo_wide": {"nodes": 2, "tasks_per_node": 4}},
+        "likelihood": ["lr_3"],
     })
+    assert commands["likelihood"] == ["python -m pipeline.likelihood experiment=demo name=lr train.learning_rate=0.0003 "
+                                      "model.n_layers=2 results_dir=results/lr_3 > results/lr_3/logs/likelihood.log 2>&1"]
     train = sorted(commands["train"])
     assert len(train) == 6 and len(commands["evaluate"]) == 6 and len(commands["preprocess"]) == 1  # one shared dataset
     points = [(0.001, 1), (0.001, 2), (0.0003, 1), (0.0003, 2)]  # Hydra's multirun order
@@ -83,6 +86,7 @@ def test_bad_sweeps_and_distributed_training_are_refused(tmp_path):
         ({"experiments": {}, "sweeps": {"lr": ["experiment=demo", "train.learning_rate=interval(0.1,0.2)"]}}, "continuous interval"),
         ({"experiments": {"lr_0": []}, "sweeps": {"lr": ["experiment=demo", "seed=1,2"]}}, "already an experiment"),
         ({"experiments": {"demo": []}, "distributed_training": {"demo_wide": {"nodes": 2}}}, "not an experiment"),
+        ({"experiments": {"demo": []}, "likelihood": ["jetnet30"]}, "likelihood names jetnet30"),
         ({"experiments": {"demo": []}, "distributed_training": {"demo": {"nodes": 0}}}, "validat"),
     ]:
         (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))

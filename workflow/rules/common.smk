@@ -53,9 +53,10 @@ def workflow_experiments():
             experiments[name] = with_preset(sweep, point)
     if not experiments:
         raise WorkflowError("the workflow config names no experiment: add one under experiments (e.g. demo: []) or a sweep.")
-    unknown = set(config["distributed_training"]) - set(experiments)
-    if unknown:
-        raise WorkflowError(f"distributed_training names {', '.join(sorted(unknown))}, not an experiment of the workflow config.")
+    for key in ("distributed_training", "likelihood"):
+        unknown = set(config[key]) - set(experiments)
+        if unknown:
+            raise WorkflowError(f"{key} names {', '.join(sorted(unknown))}, not an experiment of the workflow config.")
     return experiments
 
 
