@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 import sys
 import subprocess
 from pathlib import Path
@@ -57,3 +58,10 @@ def copy_workflow(folder, *overrides) -> dict:
     config = {"experiments": {"demo": [*TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40", *overrides]}}
     (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     return config
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local server or jax.distributed's coordinator)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

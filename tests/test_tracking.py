@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
+from conftest import TINY, free_port, run_stage
 from pipeline import tracking
 from pipeline.tracking import (
     EXECUTION_ENV,
@@ -224,20 +225,10 @@ def test_experiment_created_by_a_racing_process_is_reused(store, monkeypatch):
     assert len(lookups) == 2
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a_team_server(tmp_path):
     """`mlflow ui --backend-store-uri sqlite:///mlflow.db` as the README shows it (on a free port), and
     a stage pointed at it with MLFLOW_TRACKING_URI=http://...: the run, its metrics and its config
     artifact arrive in the store behind the server."""
-    from conftest import TINY, run_stage
-
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     server = subprocess.Popen(

@@ -4,7 +4,6 @@ and two processes joined with jax.distributed. Several CPU devices are simulated
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, compose_config
+from conftest import PROJECT_ROOT, compose_config, free_port
 from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches
 from pipeline.model import build_vdm
@@ -180,9 +179,7 @@ def test_multiplicity_windows_group_similar_sets_and_still_see_each_once_per_epo
 
 
 def test_two_processes_train_together_like_one(tmp_path, processed, reference):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     processes = [
         train(tmp_path, processed, devices=2, wait=False,
               env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)})

@@ -15,10 +15,22 @@ import pipeline
 from pipeline.config import Source
 
 
+# The config groups a stage reads: each rule passes only the overrides of the groups its stage and
+# the stages before it read (and those of no group, e.g. seed), so that changing an evaluate
+# setting reruns evaluate, a train setting train and what follows it, and nothing upstream.
+STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
+
+
+def override_group(override):
+    """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split("@", 1)[0].split(".", 1)[0]
+
+
 def with_preset(name, overrides):
     """``overrides`` with the preset first: the list's ``experiment=<preset>``, else the preset ``name``."""
-    presets = [override for override in overrides if override.split("=", 1)[0] == "experiment"]
-    others = [override for override in overrides if override.split("=", 1)[0] != "experiment"]
+    presets = [override for override in overrides if override_group(override) == "experiment"]
+    others = [override for override in overrides if override_group(override) != "experiment"]
     return [presets[-1] if presets else f"experiment={name}", *others]
 
 
@@ -66,18 +78,6 @@ os.environ.setdefault("PIPELINE_EXECUTION_ID", uuid.uuid4().hex)
 
 envvars:
     "PIPELINE_EXECUTION_ID",
-
-
-# The config groups a stage reads: each rule passes only the overrides of the groups its stage and
-# the stages before it read (and those of no group, e.g. seed), so that changing an evaluate
-# setting reruns evaluate, a train setting train and what follows it, and nothing upstream.
-STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
-
-
-def override_group(override):
-    """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``."""
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key.split("@", 1)[0].split(".", 1)[0]
 
 
 def hydra_overrides(experiment, groups=STAGE_GROUPS):
