@@ -1,4 +1,4 @@
-"""The sets file: one HDF5 layout for processed splits and generated samples (shared DESIGN.md).
+"""The sets file: one HDF5 layout for processed splits and generated samples.
 
 =========== ======= ======================== ==========================================
 dataset     dtype   shape                    meaning
