@@ -1,4 +1,4 @@
-"""Generation throughput against Pythia alone (issue 3 target: the stage reaches >= 75% of Pythia's rate).
+"""Generation throughput against Pythia alone (target: the stage reaches >= 75% of Pythia's rate).
 
     python benchmarks/bench_generate.py [--jets 300] [--classes g q t]
 

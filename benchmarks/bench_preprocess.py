@@ -1,4 +1,4 @@
-"""Preprocessing throughput against reading the same branches with uproot alone (issue 3 target: >= 70%).
+"""Preprocessing throughput against reading the same branches with uproot alone (target: >= 70%).
 
     python benchmarks/bench_preprocess.py [--jets 300000] [--particles 50]
 

@@ -7,7 +7,7 @@ or ``python -m pipeline.train experiment=demo`` first). For every sampler and st
 sampling stage's own ``pipeline.sample.generate`` runs twice in this process: the first call
 compiles, the second is timed. Quality is W1 of the relative jet mass against the test split
 (``pipeline.metrics.w1m``, 5 batches of as many jets as were generated); the last line is the
-train split against the test split, the floor that sample size allows. The aim (issue 5): the
+train split against the test split, the floor that sample size allows. The aim: the
 quality of 200 ancestral steps in at most 25 steps. Prints a table; figures go in benchmarks/README.md.
 """
 

@@ -6,7 +6,7 @@ Copies the workflow into a temporary folder (so no data or results of this check
 runs ``snakemake --cores N`` there (Pythia generation, preprocessing, training, sampling,
 evaluation and the toy check of the ``demo`` experiment), then the same command again (nothing
 to do), and prints each job's wall time from the stages' logs' timestamps and the totals.
-Targets (issue 6): under 15 minutes end to end on a 2-core laptop CPU, under 5 s for a no-op rerun.
+Targets: under 15 minutes end to end on a 2-core laptop CPU, under 5 s for a no-op rerun.
 """
 
 from __future__ import annotations
