@@ -1,14 +1,11 @@
 # The pipeline's workflow: `snakemake --cores N` runs every experiment in workflow/config.yaml.
 # Rules only wire stages together (files in, files out); every stage is `python -m pipeline.<stage>`.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "workflow/config.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"

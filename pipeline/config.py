@@ -9,17 +9,58 @@ several groups at once, e.g. ``experiment=demo``).
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from setdiff.schedules import GAMMA_MAX, GAMMA_MIN
 
-# The particle features of the sets file, in order (see shared DESIGN.md, "The sets file").
+# The particle features of the sets file, in order (see pipeline/sets.py, the sets file's layout).
 PARTICLE_FEATURES = ["eta_rel", "phi_rel", "pt_rel"]
 JET_FEATURES = ["pt", "eta", "mass", "n_particles"]
+
+# Experiment, dataset and class names become folder and file names, MLflow experiments, Snakemake
+# wildcards and arguments of shell commands: letters, digits, '_' and '-', starting with a letter or
+# a digit (so no path separators, no '..', nothing a shell expands, no leading '-' read as an option).
+# workflow/schemas/config.schema.yaml holds the same pattern for the workflow's experiment names.
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+
+
+def unsafe_name(key: str, value) -> str | None:
+    """The sentence refusing ``key=value`` if ``value`` is not a :data:`SAFE_NAME`, else None."""
+    if re.fullmatch(SAFE_NAME, str(value)):
+        return None
+    return (f"{key}={str(value)!r} is not a safe name: it becomes folder and file names and shell arguments, so "
+            "use letters, digits, '_' and '-' only, starting with a letter or a digit.")
+
+
+def check_names(cfg) -> None:
+    """Refuse (``ValueError``) a config whose experiment name (``name``), dataset name (``data.name``)
+    or class names (``data.class_names``) are not :data:`SAFE_NAME`s, naming the first such key."""
+    named = [("name", cfg.name), ("data.name", cfg.data.name)]
+    named += [(f"data.class_names[{index}]", name) for index, name in enumerate(cfg.data.class_names)]
+    for key, value in named:
+        if (refusal := unsafe_name(key, value)) is not None:
+            raise ValueError(refusal)
+
+
+def _safe_name(key: str, value) -> str:
+    """The resolver ``${safe_name:<key>,<value>}`` in the default folders (``results_dir``,
+    ``data.raw_dir``, ``data.processed_dir``): Hydra resolves them to make its run folder before any
+    stage code runs, so an unsafe name stops the process there, with one sentence and exit status 2,
+    before any folder exists. (An exception would reach the user as a page of OmegaConf traceback.)"""
+    if (refusal := unsafe_name(key, value)) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
+    return value
+
+
+if not OmegaConf.has_resolver("safe_name"):
+    OmegaConf.register_new_resolver("safe_name", _safe_name)
 
 
 class Schedule(Enum):
@@ -27,7 +68,6 @@ class Schedule(Enum):
 
     fixed_linear = "fixed_linear"
     learned_linear = "learned_linear"
-    learned_monotonic = "learned_monotonic"
 
 
 class Sampler(Enum):
@@ -67,7 +107,7 @@ class RemoteFile:
     """One file of a public dataset: where it lives under ``data.base_url`` and its checksum."""
 
     path: str = MISSING  # URL path under data.base_url, e.g. records/6975118/files/g.hdf5
-    known_hash: str | None = None  # "md5:<hex>" or "sha256:<hex>"; None: not verifiable
+    known_hash: str | None = None  # "md5:<hex>" or "sha256:<hex>"; None: the one its Zenodo record publishes
     members: list[str] = field(default_factory=list)  # for a tar archive: the members to extract
 
 
@@ -82,6 +122,10 @@ class GeneratorConfig:
     jet_eta_max: float = 2.5
     jet_pt_min: float = 900.0  # GeV: the jet pT window (JetNet: jets near 1 TeV)
     jet_pt_max: float = 1_100.0
+    # Pythia's PhaseSpace:pTHatMin = this x jet_pt_min. Recoil against initial-state radiation lifts
+    # many jets above their parton's pT-hat: 0.9 misses 31% of the window's gluon jets, 0.6 ~1% (g, q)
+    # and 5% (t), for 7-10x the events per jet (benchmarks/README.md, bench_pt_hat_floor.py)
+    pt_hat_min_fraction: float = 0.6
     batch_events: int = 100  # events generated and clustered at once
     pythia_settings: list[str] = field(default_factory=list)  # extra Pythia readString lines
     class_name: str | None = None  # generate only this class (Snakemake: one job per shard)
@@ -101,11 +145,11 @@ class DataConfig:
     labels: dict[str, str] = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=lambda: list(PARTICLE_FEATURES))
     jet_feature_names: list[str] = field(default_factory=lambda: list(JET_FEATURES))
-    raw_dir: str = "data/raw/${.name}"
-    processed_dir: str = "data/processed/${.name}"
+    raw_dir: str = "data/raw/${safe_name:data.name,${.name}}"
+    processed_dir: str = "data/processed/${safe_name:data.name,${.name}}"
     # Downloads (``pipeline.download``): file name under raw_dir -> where it lives, its checksum.
     base_url: str = "https://zenodo.org"  # a mirror replaces the host, the paths stay
-    verify: bool = True  # check every file against its known hash
+    verify: bool = True  # check every file against its known_hash, or its Zenodo record's checksum
     files: dict[str, RemoteFile] = field(default_factory=dict)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     # Preprocessing (``pipeline.preprocess``): seeded train/val/test split of all jets.
@@ -205,7 +249,7 @@ class Config:
 
     name: str = MISSING  # the experiment's name; also its MLflow experiment
     seed: int = 0
-    results_dir: str = "results/${name}"
+    results_dir: str = "results/${safe_name:name,${name}}"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -8,7 +8,9 @@ A stage module looks like::
             ...  # write into output_dir, log to the active MLflow run
 
 Its outputs land in ``results/<experiment>/<stage>/`` (Hydra's run dir; a sweep gets one folder per
-job), next to ``config.yaml``, the fully resolved config that produced them.
+job), next to ``config.yaml``, the fully resolved config that produced them. That file is written
+only when the stage succeeds, so a failed or stopped stage leaves the folder's outputs and their
+config as they were: the config always describes the outputs beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .config import check_names
 from .tracking import stage_run
 
 
@@ -60,29 +63,41 @@ def atomic_output(path: str | os.PathLike, mode: str = "w"):
         yield file
 
 
+def write_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg``, resolved, as YAML to ``path`` (atomically): the record of how outputs were made."""
+    with atomic_output(path) as file:
+        file.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+
 @contextmanager
 def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = None, config_file: str = "config.yaml",
           *, resume_run_id: str | None = None):
     """Run one execution of stage ``name``: yields its output folder, inside an MLflow run.
 
     The output folder is Hydra's run dir unless ``output_dir`` is given (the data stages write
-    under ``data/``, shared by every experiment). The resolved config is written there first, as
-    ``config_file``. A ``PipelineError`` is reported as one line on stderr and exit status 2 (the
-    MLflow run is marked FAILED). ``resume_run_id`` continues an earlier MLflow run.
+    under ``data/``, shared by every experiment). The resolved config is written there as
+    ``config_file`` (atomically) when the block succeeds, never before: a stage that fails into a
+    folder holding earlier outputs leaves their config in place. A ``PipelineError`` is reported as
+    one line on stderr and exit status 2 (the MLflow run is marked FAILED). ``resume_run_id``
+    continues an earlier MLflow run.
 
     The MLflow run is named ``name``; an experiment's own stages whose results folder is not named
     after its MLflow experiment (a point of a workflow sweep, ``results/demo_lr_1``) add the folder's
     name (``train demo_lr_1``), so the runs of a sweep tell apart in the MLflow UI.
     """
+    try:  # before any folder, file or run: the names become paths
+        check_names(cfg)
+    except ValueError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     results = Path(cfg.results_dir).name
     run_name = name if output_dir is not None or results == cfg.name else f"{name} {results}"
     output_dir = Path(output_dir if output_dir is not None else HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output_dir / config_file) as file:
-        file.write(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         with stage_run(cfg.name, run_name, cfg, stage=name, resume_run_id=resume_run_id):
             yield output_dir
+            write_config(cfg, output_dir / config_file)
     except PipelineError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

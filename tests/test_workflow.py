@@ -87,19 +87,66 @@ def test_bad_sweeps_and_distributed_training_are_refused(tmp_path):
         ({"experiments": {"lr_0": []}, "sweeps": {"lr": ["experiment=demo", "seed=1,2"]}}, "already an experiment"),
         ({"experiments": {"demo": []}, "distributed_training": {"demo_wide": {"nodes": 2}}}, "not an experiment"),
         ({"experiments": {"demo": []}, "likelihood": ["jetnet30"]}, "likelihood names jetnet30"),
-        ({"experiments": {"demo": []}, "distributed_training": {"demo": {"nodes": 0}}}, "validat"),
+        ({"experiments": {"demo": []}, "distributed_training": {"demo": {"nodes": 0}}},
+         "config['distributed_training']['demo']['nodes']: 0 is less than the minimum of 1"),
     ]:
         (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
         result = snakemake("--cores", "1", "-n", cwd=tmp_path)
-        assert result.returncode != 0 and message in (result.stdout + result.stderr), (config, result.stdout + result.stderr)
+        assert_refused(result, message)
 
 
-def test_bad_workflow_config_is_refused(tmp_path):
-    bad = tmp_path / "config.yaml"
-    bad.write_text("experiments:\n  demo: 3\n")
-    result = snakemake("--cores", "1", "-n", "--configfile", str(bad))
-    assert result.returncode != 0
-    assert "validat" in (result.stdout + result.stderr).lower()
+def assert_refused(result, message):
+    """The workflow stopped before any job with one sentence holding ``message``, and exit status 2."""
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith("workflow config (") and message in output, output
+
+
+def test_bad_workflow_config_is_refused_in_one_sentence(tmp_path):
+    copy_workflow(tmp_path)
+    for config, message in [
+        ("experiments:\n  demo: 3\n", "config['experiments']['demo']: 3 is not of type 'array'"),
+        ("experimnts:\n  demo: []\n", "('experimnts' was unexpected)"),
+        ("experiments:\n  nosuch: []\n", "experiment nosuch uses the preset nosuch, which does not exist"),
+        ("experiments:\n  demo: [model.d_modle=3]\n", "Could not override 'model.d_modle': Key 'd_modle' not in 'ModelConfig'"),
+        ("experiments:\n  demo: [model=nosuch]\n", "Could not find 'model/nosuch' Available options in 'model': base large small"),
+    ]:
+        (tmp_path / "workflow" / "config.yaml").write_text(config)
+        assert_refused(snakemake("--cores", "1", "-n", cwd=tmp_path), message)
+
+
+def test_a_shell_injection_through_a_name_runs_nothing(tmp_path):
+    """Names become paths in shell commands: one that a shell would expand is refused, in the workflow
+    config and in a stage run by hand, before any job or file."""
+    copy_workflow(tmp_path)
+    for name, message in [
+        ("data.name='x$(touch PWNED)y'", "experiment demo: data.name='x$(touch PWNED)y' is not a safe name"),
+        ("data.class_names=[g,'q;touch PWNED']", "data.class_names[1]='q;touch PWNED' is not a safe name"),
+        ("name='../../outside'", "name='../../outside' is not a safe name"),
+    ]:
+        (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump({"experiments": {"demo": [*TINY, name]}}))
+        assert_refused(snakemake("--cores", "1", cwd=tmp_path), message)
+    (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump({"experiments": {"demo; touch PWNED": []}}))
+    assert_refused(snakemake("--cores", "1", cwd=tmp_path), "'demo; touch PWNED' does not match")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".snakemake", "Snakefile", "environment.yml", "workflow"]
+    for name in ("data.name='x$(touch PWNED)y'", "name='../../outside'"):
+        by_hand = run_stage("generate", name, "data.generator.jets_per_shard=2", cwd=tmp_path / "workflow")
+        assert by_hand.returncode == 2 and by_hand.stderr.strip().splitlines()[-1] == f"error: {name} is not a safe " \
+            "name: it becomes folder and file names and shell arguments, so use letters, digits, '_' and '-' only, " \
+            "starting with a letter or a digit.", by_hand.stderr
+    assert not (tmp_path / "workflow" / "data").exists() and not (tmp_path / "outside").exists()
+    assert not list(tmp_path.rglob("*PWNED*"))
+
+
+def test_every_path_in_a_shell_command_is_quoted():
+    """Paths and wildcards reach the shell only through Snakemake's quoting ({log:q}) or shlex.quote
+    (the Hydra overrides): a name that slipped past validation still could not run a command."""
+    rules = "".join(path.read_text() for path in (PROJECT_ROOT / "workflow" / "rules").glob("*.smk"))
+    shell_commands = re.findall(r"shell:\s*((?:\"[^\"]*\"\s*)+)", rules)
+    assert len(shell_commands) == 7
+    for command in shell_commands:
+        assert not re.findall(r"\{(?:log|input|output|wildcards)[^}:]*\}", command), command
+        assert "{log:q}" in command
 
 
 def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):

@@ -3,16 +3,53 @@
 import itertools
 import os
 import shlex
+import sys
 import uuid
 from pathlib import Path
 
+import jsonschema
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from snakemake.utils import validate
 
 import pipeline
-from pipeline.config import Source
+from pipeline.config import SAFE_NAME, Source, check_names
+
+CONFIG_SCHEMA = "workflow/schemas/config.schema.yaml"
+CONFIG_FILES = ", ".join(str(path) for path in workflow.configfiles)
+
+
+def refuse(message):
+    """Stop before any job with one sentence on stderr and exit status 2: a mistake in the workflow
+    config (or an experiment's overrides) that the user fixes there."""
+    print(f"workflow config ({CONFIG_FILES}): error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_workflow_config():
+    """Validate the config against the schema (filling in its defaults); a violation is refused
+    with the schema's most relevant complaint and where in the config it is."""
+    schema_path = Path(workflow.basedir) / CONFIG_SCHEMA
+    with open(schema_path) as file:
+        schema = yaml.safe_load(file)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        where = "".join(f"[{part!r}]" if isinstance(part, str) else f"[{part}]" for part in error.absolute_path)
+        refuse(f"config{where}: {error.message}; see {CONFIG_SCHEMA} for what each key takes.")
+    validate(config, str(schema_path))
+
+
+check_workflow_config()
+
+
+# Every wildcard that stands for a name: a folder under results/ or data/, so never a path.
+wildcard_constraints:
+    experiment=SAFE_NAME,
+    dataset=SAFE_NAME,
 
 
 # The config groups a stage reads: each rule passes only the overrides of the groups its stage and
@@ -41,11 +78,11 @@ def sweep_experiments(sweep, overrides):
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
-        raise WorkflowError(f"sweep {sweep}: {error}") from None
+        refuse(f"sweep {sweep}: {error}")
     choices = []
     for override in parsed:
         if override.is_interval_sweep():
-            raise WorkflowError(f"sweep {sweep}: {override.input_line} is a continuous interval; list the values to run instead.")
+            refuse(f"sweep {sweep}: {override.input_line} is a continuous interval; list the values to run instead.")
         if override.is_sweep_override():
             choices.append([f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()])
         else:
@@ -61,14 +98,14 @@ def workflow_experiments():
     for sweep, overrides in config["sweeps"].items():
         for name, point in sweep_experiments(sweep, overrides).items():
             if name in experiments:
-                raise WorkflowError(f"sweep {sweep} makes experiment {name}, which is already an experiment; rename one of them.")
+                refuse(f"sweep {sweep} makes experiment {name}, which is already an experiment; rename one of them.")
             experiments[name] = with_preset(sweep, point)
     if not experiments:
-        raise WorkflowError("the workflow config names no experiment: add one under experiments (e.g. demo: []) or a sweep.")
+        refuse("the workflow config names no experiment: add one under experiments (e.g. demo: []) or a sweep.")
     for key in ("distributed_training", "likelihood"):
         unknown = set(config[key]) - set(experiments)
         if unknown:
-            raise WorkflowError(f"{key} names {', '.join(sorted(unknown))}, not an experiment of the workflow config.")
+            refuse(f"{key} names {', '.join(sorted(unknown))}, not an experiment of the workflow config.")
     return experiments
 
 
@@ -88,10 +125,33 @@ def hydra_overrides(experiment, groups=STAGE_GROUPS):
     return [preset, *extra, f"results_dir=results/{experiment}"]
 
 
+def composition_failure(error):
+    """What Hydra's composition error says, in one line: its first line (and the options it lists),
+    then the first line of its cause (``Key 'd_modle' not in 'ModelConfig'``), without the search
+    path and the hints."""
+    head = str(error).split("Config search path")[0].split("\nSee https")[0].split("\nTo append")[0]
+    parts = [" ".join(head.replace(":\n", ": ").split()).rstrip(".")]
+    if error.__cause__ is not None:
+        parts.append(str(error.__cause__).splitlines()[0].rstrip("."))
+    return ": ".join(parts)
+
+
 def compose_experiment(experiment):
-    """The config every stage of ``experiment`` composes (a bad override fails here, before any job)."""
-    with initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
-        return compose("config", overrides=hydra_overrides(experiment))
+    """The config every stage of ``experiment`` composes: a missing preset, a bad override or an
+    unsafe name is refused here, before any job."""
+    conf = Path(pipeline.__file__).parent / "conf"
+    preset = EXPERIMENTS[experiment][0].split("=", 1)[1]
+    if not (conf / "experiment" / f"{preset}.yaml").is_file():
+        presets = ", ".join(sorted(path.stem for path in (conf / "experiment").glob("*.yaml")))
+        refuse(f"experiment {experiment} uses the preset {preset}, which does not exist: name an existing "
+               f"preset in its overrides (experiment=<preset>, one of {presets}).")
+    try:
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=hydra_overrides(experiment))
+        check_names(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        refuse(f"experiment {experiment}: {composition_failure(error)}; fix its overrides.")
+    return cfg
 
 
 CONFIGS = {experiment: compose_experiment(experiment) for experiment in EXPERIMENTS}
@@ -125,14 +185,14 @@ DATASETS = {}
 for experiment, cfg in CONFIGS.items():
     name = cfg.data.name
     if cfg.data.raw_dir != f"data/raw/{name}" or cfg.data.processed_dir != f"data/processed/{name}":
-        raise WorkflowError(
+        refuse(
             f"experiment {experiment}: the workflow keeps dataset {name} in data/raw/{name} and "
             f"data/processed/{name}; drop the data.raw_dir/data.processed_dir overrides (link data/raw/{name} "
             "to files elsewhere instead)."
         )
     first = DATASETS.setdefault(name, experiment)
     if data_settings(CONFIGS[first]) != data_settings(cfg):
-        raise WorkflowError(
+        refuse(
             f"experiments {first} and {experiment} use dataset {name} with different data settings or seeds; "
             "give one of them its own data.name."
         )

@@ -22,8 +22,8 @@ rule generate:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.generate {params.hydra} data.generator.class_name={wildcards.class_name}"
-        " data.generator.shard={params.shard} > {log} 2>&1"
+        "python -m pipeline.generate {params.hydra} data.generator.class_name={wildcards.class_name:q}"
+        " data.generator.shard={params.shard} > {log:q} 2>&1"
 
 
 rule download:
@@ -41,7 +41,7 @@ rule download:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.download {params.hydra} > {log} 2>&1"
+        "python -m pipeline.download {params.hydra} > {log:q} 2>&1"
 
 
 rule preprocess:
@@ -65,4 +65,4 @@ rule preprocess:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.preprocess {params.hydra} > {log} 2>&1"
+        "python -m pipeline.preprocess {params.hydra} > {log:q} 2>&1"

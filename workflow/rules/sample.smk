@@ -23,7 +23,7 @@ rule sample:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.sample {params.hydra} > {log} 2>&1"
+        "python -m pipeline.sample {params.hydra} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -62,7 +62,7 @@ rule evaluate:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.evaluate {params.hydra} evaluate.emd_jobs={threads} > {log} 2>&1"
+        "python -m pipeline.evaluate {params.hydra} evaluate.emd_jobs={threads} > {log:q} 2>&1"
 
 
 rule likelihood:
@@ -85,4 +85,4 @@ rule likelihood:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.likelihood {params.hydra} > {log} 2>&1"
+        "python -m pipeline.likelihood {params.hydra} > {log:q} 2>&1"

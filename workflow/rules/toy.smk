@@ -10,4 +10,4 @@ rule toy:
     conda:
         "../../environment.yml"
     shell:
-        "python -m pipeline.toy {params.hydra} > {log} 2>&1"
+        "python -m pipeline.toy {params.hydra} > {log:q} 2>&1"

@@ -31,4 +31,4 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "{params.launcher}python -m pipeline.train {params.hydra} > {log} 2>&1"
+        "{params.launcher}python -m pipeline.train {params.hydra} > {log:q} 2>&1"
