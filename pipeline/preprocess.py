@@ -126,7 +126,10 @@ class RootReader:
 
     def load(self, path: Path, start: int, stop: int) -> ak.Array:
         with self._open(path) as file:
-            return file[self.tree_name].arrays([*self.momenta, *self.label_branches], entry_start=start, entry_stop=stop)
+            try:
+                return file[self.tree_name].arrays([*self.momenta, *self.label_branches], entry_start=start, entry_stop=stop)
+            except Exception as error:  # uproot raises OSError, ValueError and its own types for damaged baskets
+                raise PipelineError(damaged(path, start, stop, error)) from None
 
     def parse(self, arrays: ak.Array) -> RawJets:
         one_hot = np.stack([ak.to_numpy(arrays[branch]).astype(bool) for branch in self.label_branches], axis=1)
@@ -145,22 +148,36 @@ class JetNetReader:
     def __init__(self, data: DictConfig):
         self.class_of_file = {data.labels.get(name, f"{name}.hdf5"): index for index, name in enumerate(data.class_names)}
 
-    @staticmethod
-    def _dataset(file: h5py.File, path: Path, name: str, width: int) -> h5py.Dataset:
-        if name not in file:
-            raise PipelineError(f"{path} has no dataset {name!r}; is it a JetNet file?")
-        if file[name].shape[-1] != width:
-            raise PipelineError(f"{path}: {name!r} has {file[name].shape[-1]} features per entry, JetNet has {width}.")
-        return file[name]
+    # dataset -> its shape after the jet axis: (particles, features) and (features,)
+    shapes = {"particle_features": (None, 4), "jet_features": (4,)}
+
+    def _datasets(self, file: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """``particle_features`` and ``jet_features``, checked to have JetNet's shapes and one row per jet each."""
+        for name, shape in self.shapes.items():
+            if name not in file or not isinstance(file[name], h5py.Dataset):
+                raise PipelineError(f"{path} has no dataset {name!r}; is it a JetNet file?")
+            got = file[name].shape[1:]
+            if len(got) != len(shape) or got[-1] != shape[-1]:
+                expected = "[jets, particles, 4]" if len(shape) == 2 else "[jets, 4]"
+                raise PipelineError(f"{path}: {name!r} has shape {list(file[name].shape)}, JetNet's is {expected}; "
+                                    "is it a JetNet file?")
+        particles, jets = file["particle_features"], file["jet_features"]
+        if len(particles) != len(jets):
+            raise PipelineError(f"{path}: 'particle_features' holds {len(particles)} jets and 'jet_features' "
+                                f"{len(jets)}; the file is damaged, download it again.")
+        return particles, jets
 
     def n_jets(self, path: Path) -> int:
         with open_hdf5(path) as file:
-            return self._dataset(file, path, "jet_features", 4).shape[0]
+            return len(self._datasets(file, path)[1])
 
     def load(self, path: Path, start: int, stop: int) -> dict:
         with open_hdf5(path) as file:
-            particles = self._dataset(file, path, "particle_features", 4)[start:stop]
-            jets = self._dataset(file, path, "jet_features", 4)[start:stop]
+            particles, jets = self._datasets(file, path)
+            try:
+                particles, jets = particles[start:stop], jets[start:stop]
+            except OSError as error:  # a truncated file: its header is whole, its data are not
+                raise PipelineError(damaged(path, start, stop, error)) from None
         return {"particles": particles, "jets": jets, "class_index": self.class_of_file[path.name]}
 
     def parse(self, loaded: dict) -> RawJets:
@@ -213,7 +230,10 @@ class TopTaggingReader:
             missing = [name for name in (*wanted, self.label_column) if name not in columns]
             if n_slots == 0 or missing:
                 raise PipelineError(f"{path} has no column {(missing or ['E_0'])[0]!r}; is it a top-tagging file?")
-            blocks = {block: file[block][start:stop] for block in {columns[name][0] for name in (*wanted, self.label_column)}}
+            try:
+                blocks = {block: file[block][start:stop] for block in {columns[name][0] for name in (*wanted, self.label_column)}}
+            except OSError as error:
+                raise PipelineError(damaged(path, start, stop, error)) from None
         column = {name: blocks[columns[name][0]][:, columns[name][1]] for name in (*wanted, self.label_column)}
         loaded = {
             prefix: np.stack([column[f"{prefix}_{slot}"] for slot in range(n_slots)], axis=1) for prefix in ("E", "PX", "PY", "PZ")
@@ -285,6 +305,13 @@ def class_indices(values: np.ndarray, class_of_value: dict[int, int]) -> np.ndar
     for value, index in class_of_value.items():
         indices[values.astype(np.int64) == value] = index
     return indices
+
+
+def damaged(path: Path, start: int, stop: int, error: Exception) -> str:
+    """The sentence for a raw file whose jets ``start:stop`` cannot be read although it opened."""
+    reason = " ".join(str(error).split())
+    return (f"{path} is truncated or damaged: jets {start} to {stop} cannot be read ({reason[:200]}); "
+            "download or generate it again.")
 
 
 def open_hdf5(path: Path) -> h5py.File:
@@ -501,8 +528,10 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
             writer.attrs.update({f"dropped_{reason}": counts[f"dropped_{reason}"] for reason in DROP_REASONS})
         normalisation = {"particles": particle_moments.summary(), "jets": jet_moments.summary(),
                          "n_train_particles": particle_moments.count, "n_train_jets": jet_moments.count}
-        with atomic_output(processed_dir / "normalisation.json") as file:
-            json.dump(normalisation, file, indent=2)
+    # Written once the three sets are in place: closing them flushes most of their bytes, the step
+    # likeliest to fail, and the statistics must not describe sets that never arrived.
+    with atomic_output(processed_dir / "normalisation.json") as file:
+        json.dump(normalisation, file, indent=2)
     counts["seconds"] = time.perf_counter() - start
     return counts, sources
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -198,9 +200,36 @@ def execution_id() -> str:
     return execution
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption or the time limit
+
+
 class Interrupted(SystemExit):
-    """A stage stopped on request (SIGTERM, SIGUSR1) after saving what it needs to resume: its
-    MLflow run ends KILLED, not FAILED, and the process exits with ``code``."""
+    """A stage stopped on request (SIGTERM, SIGUSR1), having saved whatever it saves to resume: its
+    MLflow run ends KILLED, not FAILED, and the process exits with ``code`` (128 + the signal)."""
+
+
+def _interrupt(number: int, frame) -> None:
+    """Stop the stage at once: raise :class:`Interrupted`. Later stop signals are ignored, so a
+    second SIGTERM cannot cut short the ending of the MLflow run."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise Interrupted(128 + number)
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """While the block runs, :data:`STOP_SIGNALS` raise :class:`Interrupted` instead of killing the
+    process; the previous handlers come back after it. Signal handlers belong to the main thread,
+    so elsewhere the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {stop_signal: signal.signal(stop_signal, _interrupt) for stop_signal in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
 
 
 @contextmanager
@@ -217,26 +246,30 @@ def stage_run(
     artifact ``config.yaml``. The run ends FINISHED, or FAILED when the block raises (KILLED on
     Ctrl-C or :class:`Interrupted`); the exception propagates. ``resume_run_id`` continues that
     run instead (a resumed training): its params stay as first logged.
+
+    SIGTERM and SIGUSR1 raise :class:`Interrupted` wherever the stage is (loading data, compiling,
+    writing), so a stopped stage never leaves its run RUNNING; a stage that saves its progress
+    first (the training loop) installs its own handler for that part and restores this one.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, uri)
     run_tags = {**(tags or {}), STAGE_TAG: stage or run_name, EXECUTION_TAG: execution_id()}
-    if resume_run_id is not None:
-        run = mlflow.start_run(run_id=resume_run_id, tags=run_tags)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
-    try:
-        if resume_run_id is None:
-            params = [Param(key, value) for key, value in flatten_config(config).items()]
-            client = MlflowClient(uri)
-            for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-                batch = params[start : start + MAX_PARAMS_TAGS_PER_BATCH]
-                client.log_batch(run.info.run_id, params=batch)
-        mlflow.log_text(OmegaConf.to_yaml(_resolved(config)), CONFIG_ARTIFACT)
-        yield run
-    except BaseException as error:
-        interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    with _stop_signals_interrupt():
+        try:
+            if resume_run_id is not None:
+                run = mlflow.start_run(run_id=resume_run_id, tags=run_tags)
+            else:
+                run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
+                params = [Param(key, value) for key, value in flatten_config(config).items()]
+                client = MlflowClient(uri)
+                for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+                    batch = params[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+                    client.log_batch(run.info.run_id, params=batch)
+            mlflow.log_text(OmegaConf.to_yaml(_resolved(config)), CONFIG_ARTIFACT)
+            yield run
+        except BaseException as error:  # ends the run if it started (no-op otherwise)
+            interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+            raise
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))

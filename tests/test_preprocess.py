@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 from energyflow import pids2ms
@@ -193,3 +194,38 @@ def test_missing_raw_file_says_how_to_make_it(tmp_path):
     result = run_stage("preprocess", f"data.raw_dir={tmp_path / 'raw'}", f"data.processed_dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert "python -m pipeline.generate" in result.stderr and "g_000.root" in result.stderr
+
+
+def write_jetnet_arrays(raw, particle_features, jet_features):
+    """Every class file of data=jetnet30 with these arrays."""
+    raw.mkdir()
+    for name in compose_config("data=jetnet30").data.class_names:
+        with h5py.File(raw / f"{name}.hdf5", "w") as file:
+            file["particle_features"], file["jet_features"] = particle_features, jet_features
+
+
+@pytest.mark.parametrize("particle_shape, jet_shape, message", [
+    ((6, 4), (6, 4), "'particle_features' has shape [6, 4], JetNet's is [jets, particles, 4]"),
+    ((6, 5, 4), (4,), "'jet_features' has shape [4], JetNet's is [jets, 4]"),
+    ((6, 5, 4), (5, 4), "'particle_features' holds 6 jets and 'jet_features' 5"),
+])
+def test_a_jetnet_file_of_the_wrong_shape_is_refused_with_one_sentence(tmp_path, particle_shape, jet_shape, message):
+    """Shapes that numpy would broadcast or slice silently (a 1-D jet_features of 4 jets, fewer jet
+    rows than particle rows) are refused, naming the file and the dataset."""
+    write_jetnet_arrays(tmp_path / "raw", np.ones(particle_shape, np.float32), np.ones(jet_shape, np.float32))
+    with pytest.raises(PipelineError) as raised:
+        run(tmp_path, "data=jetnet30")
+    assert str(raised.value).startswith(f"{tmp_path / 'raw' / 'g.hdf5'}: {message}")
+    assert not list((tmp_path / "processed").glob("*.h5"))
+
+
+def test_a_truncated_root_file_is_refused_with_one_sentence(tmp_path, root_jets):
+    """A ROOT file cut short keeps its header (it opens, lists its branches) but not its baskets."""
+    path = tmp_path / "raw" / "t_000.root"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run_stage("preprocess", f"data.raw_dir={tmp_path / 'raw'}", f"data.processed_dir={tmp_path / 'out'}",
+                       "data.generator.n_shards=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]  # after MLflow's lines on creating a fresh store
+    assert message.startswith(f"preprocess: error: {path} is truncated or damaged") and "generate it again" in message
+    assert not list((tmp_path / "out").glob("*.h5"))

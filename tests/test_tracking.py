@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from pipeline.tracking import (
     EXECUTION_TAG,
     STAGE_TAG,
     TRUNCATION_MARKER,
+    Interrupted,
     flatten_config,
     stage_run,
     tracking_uri,
@@ -126,6 +128,25 @@ def test_failing_body_marks_run_failed_and_reraises(store):
         with stage_run("failures", "train", {"seed": 1}) as run:
             raise RuntimeError("boom")
     assert MlflowClient(store).get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_a_stop_signal_ends_the_run_killed_wherever_the_stage_is(store):
+    def stay_alive(number, frame):  # if stage_run installed no handler, the signal lands here, not on pytest
+        received.append(number)
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, stay_alive)
+    try:
+        with pytest.raises(Interrupted) as raised:
+            with stage_run("signals", "preprocess", {"seed": 1}) as run:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # interrupted: the handler runs as soon as the signal arrives
+        assert raised.value.code == 128 + signal.SIGTERM and not received
+        assert signal.getsignal(signal.SIGTERM) is stay_alive  # the handler before the stage is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert MlflowClient(store).get_run(run.info.run_id).info.status == "KILLED"
     assert mlflow.active_run() is None
 
 

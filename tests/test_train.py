@@ -1,24 +1,24 @@
-"""Training stage: device-count equivalence, resume after SIGTERM, NaN guard, padding-aware batches,
-and two processes joined with jax.distributed. Several CPU devices are simulated with XLA_FLAGS."""
+"""Training stage: device-count equivalence, resume after SIGTERM, NaN guard and the resume with a
+lower learning rate it advises, padding-aware batches, and two processes joined with jax.distributed.
+Several CPU devices are simulated with XLA_FLAGS."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-import h5py
 import mlflow
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, compose_config, free_port
 from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches
 from pipeline.model import build_vdm
-from pipeline.train import load_checkpoint
-from setdiff import init_params, vdm_loss
+from pipeline.train import RESUMABLE_CHANGES, latest_checkpoint_step, load_checkpoint
+from setdiff import init_params, make_optimizer, vdm_loss
 
 STEPS = 12
 TRAIN = [
@@ -132,22 +132,53 @@ def test_resuming_with_other_settings_is_refused_and_more_steps_continue(tmp_pat
     assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["2", "4"]
 
 
-def test_a_nan_loss_stops_with_its_step_and_the_last_checkpoint_is_good(tmp_path, processed):
-    corrupted = tmp_path / "processed"
-    corrupted.mkdir()
-    for name in ("train.h5", "val.h5", "normalisation.json"):
-        (corrupted / name).write_bytes((processed / name).read_bytes())
-    result = train(tmp_path, corrupted, "train.steps=6")
-    assert result.returncode == 0, result.stderr
-    with h5py.File(corrupted / "train.h5", "r+") as file:
-        file["particles"][...] = np.nan
-    result = train(tmp_path, corrupted)
+def test_a_nan_loss_stops_with_its_step_and_a_lower_learning_rate_resumes_from_the_last_good_checkpoint(tmp_path, processed):
+    assert train(tmp_path, processed, "train.steps=6", "train.learning_rate=0.002").returncode == 0  # checkpoint 6
+    result = train(tmp_path, processed, "train.learning_rate=1e30")  # step 7 throws the parameters far away
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
-    assert "at step 7" in message and "checkpoint (step 6)" in message and "Traceback" not in result.stderr
+    assert "at step 8" in message and "checkpoint (step 6) is intact" in message and "Traceback" not in result.stderr
+    assert "lower train.learning_rate" in message and "resume from it" in message
     restored = load_checkpoint(tmp_path / "train" / "checkpoints" / "latest" / "6")
     assert all(np.isfinite(leaf).all() for _, leaf in jax_leaves(restored["params"]))
     assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["6"]
+
+    result = train(tmp_path, processed, "train.learning_rate=1e-4")  # the advice, followed
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the checkpoint of step 6; train.learning_rate 0.002 -> 0.0001; train.steps 6 -> 12" in result.stdout
+    params, summary = final_params(tmp_path)
+    assert summary["step"] == STEPS and all(np.isfinite(leaf).all() for _, leaf in jax_leaves(params))
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.learning_rate"] == "0.002"  # params keep their first values ...
+    assert run.data.tags["resume.6.train.learning_rate"] == "0.002 -> 0.0001"  # ... the resume's change is recorded
+    assert run.data.tags["resume.6.train.steps"] == "6 -> 12"
+    assert len(mlflow.search_runs(experiment_names=["demo"])) == 1  # the NaN attempt and the resume continued one run
+    saved = OmegaConf.load(tmp_path / "train" / "config.yaml")
+    assert (saved.train.learning_rate, saved.train.steps) == (1e-4, STEPS)  # what the next resume compares against
+
+
+def test_a_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path, processed):
+    result = train(tmp_path, processed, "train.learning_rate=1e30")  # checkpoints every 6 steps; NaN at step 3
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "at step 3, before any checkpoint was written" in message and "start afresh" in message
+    assert "intact" not in message and "Traceback" not in result.stderr
+    assert latest_checkpoint_step(tmp_path / "train") is None
+
+
+def test_the_optimiser_settings_a_resume_may_change_keep_the_optimiser_state_of_the_checkpoint():
+    import jax
+
+    params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+    arguments = {"learning_rate": 3e-4, "total_steps": 100, "warmup_steps": 10, "weight_decay": 1e-4, "grad_clip": 1.0}
+    saved = jax.tree.structure(make_optimizer(**arguments).init(params))
+    changes = [("train.learning_rate", "learning_rate", 1e-5), ("train.steps", "total_steps", 1_000),
+               ("train.warmup_steps", "warmup_steps", 0), ("train.weight_decay", "weight_decay", 0.0),
+               ("train.grad_clip", "grad_clip", 0.1)]
+    for setting, argument, value in changes:
+        assert setting in RESUMABLE_CHANGES
+        assert jax.tree.structure(make_optimizer(**{**arguments, argument: value}).init(params)) == saved, setting
 
 
 def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
