@@ -3,9 +3,11 @@
 ``python -m pipeline.train experiment=<name> [overrides]`` trains ``setdiff``'s VDM (Kingma et al.
 2021, arXiv:2107.00630) on ``data.processed_dir/train.h5`` (batches: ``pipeline.input_pipeline``)
 with ``jax.pmap`` over every local device: the state is replicated, each device takes a shard of
-the global batch, and ``setdiff.train_step`` sums gradients and metrics over the ``devices`` axis
-with the loss normalised by the global count of real dimensions, so any number of devices makes
-the update of one device with the whole batch (every set draws its noise from its global index).
+the global batch, and ``setdiff.train_step`` sums gradients and metrics over the ``devices`` axis,
+so any number of devices makes the update of one device with the whole batch (every set draws its
+noise from its global index). A batch's loss is divided by the real dimensions of an average batch
+of the train split (from ``normalisation.json``), so every particle weighs the same in every batch,
+however ``train.multiplicity_window`` groups them.
 Under SLURM with several tasks, or with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID`` set, the processes first join with ``jax.distributed.initialize()``; each reads
 its own rows of every batch, and only process 0 logs to MLflow.
@@ -17,14 +19,19 @@ dimension, EMA parameters, fixed sets and noise) is computed; orbax keeps the la
 
 Resuming: running the same command again continues from the latest checkpoint, in the same MLflow
 run. The batch and the noise of step ``s`` depend only on the seed and ``s``, so a resumed run
-computes exactly the steps of an uninterrupted one. SIGTERM or SIGUSR1 (what SLURM sends before
-preemption or the time limit) saves a checkpoint and exits with status 128 + the signal number.
-A NaN or infinite loss stops the run with the step it happened at; checkpoints are only written
-after the losses since the previous one were checked, so the last one is good.
+computes exactly the steps of an uninterrupted one. A resume may change the settings in
+``RESUMABLE_CHANGES`` (the length of the run, the optimiser's hyperparameters, the cadences); the
+run's params keep their first values, so each change is recorded as the MLflow tag
+``resume.<step>.<setting>`` (``before -> now``) and in the log. SIGTERM or SIGUSR1 (what SLURM
+sends before preemption or the time limit) saves a checkpoint during the training loop, and exits
+with status 128 + the signal number (before the loop, the stage stops at once; its MLflow run ends
+KILLED either way). A NaN or infinite loss stops the run with the step it happened at; checkpoints
+are only written after the losses since the previous one were checked, so the last one is good.
 
-Outputs in ``results/<experiment>/train/``: ``checkpoints/{latest,best}/<step>/`` and
+Outputs in ``results/<experiment>/train/``: ``checkpoints/{latest,best}/<step>/``,
 ``checkpoint.json`` (the final step, the paths of the latest and best checkpoints, the best val
-NELBO, the MLflow run).
+NELBO, the MLflow run) and ``config.yaml``, the settings of the latest checkpoint (rewritten with
+every checkpoint, so a resume compares against the settings in use).
 """
 
 from __future__ import annotations
@@ -53,36 +60,55 @@ from .background import in_background
 from .config import Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
-from .stage import PipelineError, atomic_output, stage
-from .tracking import Interrupted, flatten_config
+from .stage import PipelineError, atomic_output, stage, write_config
+from .tracking import STOP_SIGNALS, Interrupted, flatten_config
 
 AXIS = "devices"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
 
 
-# Settings that may change when a run is resumed; any other change would make the checkpoint belong
-# to a different run (a changed train.steps also reshapes the cosine decay from the resume on).
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
+# Settings that may change when a run is resumed. The data's location and the cadences leave the
+# training as it was; the length and the optimiser's hyperparameters change it from the resume on
+# (train.steps and train.warmup_steps reshape the learning-rate schedule), and the checkpointed
+# optimiser state still fits: make_optimizer's state holds Adam's moments and the step count, the
+# same tree whatever these values. Any other change (the model, the data, the seed, the batch)
+# would make the checkpoint belong to a different run.
+RESUMABLE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.weight_decay",
+                     "train.grad_clip", "train.log_every", "train.val_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "data.raw_dir", "data.processed_dir")
 
 
-def check_resumable(previous_config: Path, cfg: DictConfig) -> None:
-    """Refuse to resume from checkpoints that another configuration made."""
-    def trajectory_settings(config) -> dict:
-        return {key: value for key, value in flatten_config(config).items()
-                if key.split(".")[0] in ("data", "model", "train", "seed") and key not in RESUMABLE_CHANGES}
+def settings_changed_on_resume(previous_config: Path, cfg: DictConfig) -> dict[str, tuple[str, str]]:
+    """The training settings ``cfg`` changes from ``previous_config`` (those of the checkpoints to
+    resume), as ``{key: (before, now)}``. Refuses a change outside ``RESUMABLE_CHANGES``: the
+    checkpoints would belong to another model."""
+    def training_settings(config) -> dict:
+        return {key: value for key, value in flatten_config(config).items() if key.split(".")[0] in ("data", "model", "train", "seed")}
 
-    before, now = trajectory_settings(OmegaConf.load(previous_config)), trajectory_settings(cfg)
-    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-    if changed:
-        details = ", ".join(f"{key} {before.get(key, 'unset')} -> {now.get(key, 'unset')}" for key in changed[:3])
+    before, now = training_settings(OmegaConf.load(previous_config)), training_settings(cfg)
+    changed = {key: (before.get(key, "unset"), now.get(key, "unset"))
+               for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)}
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if refused:
+        details = ", ".join(f"{key} {changed[key][0]} -> {changed[key][1]}" for key in refused[:3])
         raise PipelineError(
             f"{previous_config.parent} holds checkpoints of a run with other settings ({details}); "
             "run with the same settings to resume it, or delete that folder (or set results_dir) to start afresh."
         )
+    return changed
+
+
+def record_resume(step: int, changes: dict[str, tuple[str, str]]) -> None:
+    """Say in the log, and in the active MLflow run as tags ``resume.<step>.<setting>``, which
+    settings differ from those of the checkpoint of ``step`` that training resumes from (the run's
+    params keep their first values). A later resume from the same step replaces its tags: they
+    describe the settings the steps after it were made with."""
+    print(f"train: resuming from the checkpoint of step {step}"
+          + "".join(f"; {key} {before} -> {now}" for key, (before, now) in changes.items()), flush=True)
+    if changes:
+        mlflow.set_tags({f"resume.{step}.{key}": f"{before} -> {now}" for key, (before, now) in changes.items()})
 
 
 def join_processes() -> None:
@@ -116,11 +142,19 @@ def unreplicate(tree):
     return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)).reshape(leaf.shape[1:]), tree)
 
 
-class Checkpoints:
-    """The latest ``keep`` checkpoints and the best one by val NELBO (orbax ``CheckpointManager``s)."""
+def latest_checkpoint_step(output_dir: Path) -> int | None:
+    """The step of the latest checkpoint that :class:`Checkpoints` wrote in ``output_dir``, or
+    ``None`` when there is none (not started, or stopped before its first checkpoint)."""
+    folder = output_dir / "checkpoints" / "latest"
+    return max(ocp.utils.checkpoint_steps(folder), default=None) if folder.is_dir() else None
 
-    def __init__(self, directory: Path, keep: int):
-        self.directory = directory.absolute()
+
+class Checkpoints:
+    """The latest ``keep`` checkpoints and the best one by val NELBO (orbax ``CheckpointManager``s),
+    in ``<output_dir>/checkpoints``."""
+
+    def __init__(self, output_dir: Path, keep: int):
+        self.directory = (output_dir / "checkpoints").absolute()
         self.latest = ocp.CheckpointManager(
             self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
         )
@@ -142,11 +176,14 @@ class Checkpoints:
         step = self.latest.latest_step()
         return None if step is None else self.latest.restore(step, args=ocp.args.StandardRestore(like))
 
-    def paths(self) -> dict:
+    def summary(self) -> dict:
+        """The paths of the latest and the best checkpoint, and the best's val NELBO (bits per
+        dimension), over every run that wrote into this folder; ``None`` for what does not exist."""
         latest, best = self.latest.latest_step(), self.best.best_step()
         return {
             "latest": None if latest is None else str(self.directory / "latest" / str(latest)),
             "best": None if best is None else str(self.directory / "best" / str(best)),
+            "best_val_nelbo_bpd": None if best is None else float(self.best.metrics(best)["val_nelbo_bpd"]),
         }
 
 
@@ -157,7 +194,8 @@ def load_checkpoint(path) -> dict:
 
 
 class StopRequest:
-    """Remembers SIGTERM / SIGUSR1 so the training loop can save and stop between steps."""
+    """Remembers SIGTERM / SIGUSR1 so the training loop can save and stop between steps; the
+    handlers it replaces (the stage's, which stop at once) come back after the loop."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -207,21 +245,32 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     init_key, noise_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     example = {name: array[0] for name, array in batches(0).items()}
     state = jax.device_get(create_train_state(model, init_key, example, optimizer))
-    checkpoints = Checkpoints(output_dir / "checkpoints", train_cfg.keep_checkpoints)
+    checkpoints = Checkpoints(output_dir, train_cfg.keep_checkpoints)
     state = checkpoints.restore_latest(state) or state
     start_step = int(state.step)
     replicated = replicate(state)
+    # Every real dimension weighs the same in every batch (train_step): the loss of a batch is
+    # divided by the dimensions an average batch of the train split holds, not by its own count.
+    normalisation = json.loads((processed / "normalisation.json").read_text())
+    dims_per_batch = train_cfg.batch_size * normalisation["n_train_particles"] / normalisation["n_train_jets"] * train_split.x.shape[-1]
     p_train_step = jax.pmap(
-        partial(train_step, model=model, optimizer=optimizer, ema_decay=train_cfg.ema_decay, axis_name=AXIS),
+        partial(train_step, model=model, optimizer=optimizer, ema_decay=train_cfg.ema_decay, axis_name=AXIS,
+                dims_per_batch=dims_per_batch),
         axis_name=AXIS, donate_argnums=(0,),
     )
     validate = val_nelbo_scorer(model, val_split, train_cfg.val_jets, train_cfg.batch_size, train_cfg.val_nelbo_samples, cfg.seed)
     n_local = jax.local_device_count()
     interactive = progress and sys.stderr.isatty()
-    best_val = None
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked and logged
     stop = threading.Event()
     upcoming = in_background(((step, batches(step)) for step in range(start_step, train_cfg.steps)), stop)
+
+    def save_checkpoint(step: int, val_nelbo: float | None = None) -> None:
+        """Checkpoint the current state as ``step``; process 0 first writes ``config.yaml``, the
+        settings it is made with, which the next resume compares against."""
+        if primary:
+            write_config(cfg, output_dir / "config.yaml")
+        checkpoints.save(step, unreplicate(replicated), val_nelbo)
 
     def check_and_log(seconds: float) -> None:
         """Fetch the pending metrics, stop on a non-finite loss, log them (process 0)."""
@@ -232,6 +281,11 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
             loss = float(metrics["loss_bpd"])
             if not np.isfinite(loss):
                 good = checkpoints.latest.latest_step()
+                if good is None:
+                    raise PipelineError(
+                        f"the loss became {loss} at step {step + 1}, before any checkpoint was written: "
+                        "lower train.learning_rate or check the data, then run again to start afresh."
+                    )
                 raise PipelineError(
                     f"the loss became {loss} at step {step + 1}; the last good checkpoint (step {good}) is intact: "
                     "lower train.learning_rate or check the data, then run again to resume from it."
@@ -255,7 +309,7 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
             for step, batch in upcoming:
                 if stop_request.signal is not None:
                     check_and_log(time.perf_counter() - interval_start)
-                    checkpoints.save(step, unreplicate(replicated))
+                    save_checkpoint(step)
                     raise Interrupted(128 + stop_request.signal)
                 rng = np.broadcast_to(np.asarray(jax.random.fold_in(noise_key, step)), (n_local, 2))
                 replicated, metrics = p_train_step(replicated, batch, rng)
@@ -269,18 +323,17 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
                 val_nelbo = None
                 if at(train_cfg.val_every):
                     val_nelbo = validate(unreplicate(replicated.ema_params))
-                    best_val = val_nelbo if best_val is None else min(best_val, val_nelbo)
                     if primary:
                         mlflow.log_metric("val_nelbo_bpd", val_nelbo, step=done)
                 if at(train_cfg.checkpoint_every) or val_nelbo is not None:
-                    checkpoints.save(done, unreplicate(replicated), val_nelbo)
+                    save_checkpoint(done, val_nelbo)
                 interval_start = time.perf_counter()  # throughput counts training steps only
         finally:
             stop.set()
     final_step = int(unreplicate(replicated.step))
     if start_step >= train_cfg.steps:
         print(f"train: already at step {final_step} of {train_cfg.steps}; nothing to do", flush=True)
-    return {"step": final_step, **checkpoints.paths(), "best_val_nelbo_bpd": best_val,
+    return {"step": final_step, **checkpoints.summary(),
             "processes": jax.process_count(), "devices": jax.device_count()}
 
 
@@ -289,10 +342,10 @@ def main(cfg: Config) -> None:
     join_processes()
     output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     run_id_file = output_dir / "mlflow_run_id"
-    resume = run_id_file.read_text().strip() if run_id_file.exists() and (output_dir / "checkpoints" / "latest").exists() else None
+    resume_step = latest_checkpoint_step(output_dir)
+    resume = run_id_file.read_text().strip() if run_id_file.exists() and resume_step is not None else None
     try:
-        if resume:
-            check_resumable(output_dir / "config.yaml", cfg)
+        changes = settings_changed_on_resume(output_dir / "config.yaml", cfg) if resume else {}
         if jax.process_index() != 0:  # a helper of process 0: trains, neither logs nor writes outputs
             train(cfg, output_dir, primary=False, progress=False)
             return
@@ -302,6 +355,8 @@ def main(cfg: Config) -> None:
     with stage("train", cfg, resume_run_id=resume) as output_dir:
         with atomic_output(run_id_file) as file:
             file.write(mlflow.active_run().info.run_id)
+        if resume:
+            record_resume(resume_step, changes)
         summary = train(cfg, output_dir, primary=True)
         summary["mlflow_run_id"] = mlflow.active_run().info.run_id
         with atomic_output(output_dir / "checkpoint.json") as file:

@@ -17,7 +17,6 @@ from .schedules import (
     SCHEDULES,
     FixedLinearSchedule,
     LearnedLinearSchedule,
-    LearnedMonotonicSchedule,
     make_schedule,
 )
 from .training import TrainState, create_train_state, fit, init_params, learning_rate_schedule, make_optimizer, train_step
@@ -30,7 +29,6 @@ __all__ = [
     "ElementwiseResidualMLP",
     "FixedLinearSchedule",
     "LearnedLinearSchedule",
-    "LearnedMonotonicSchedule",
     "SCHEDULES",
     "SAMPLERS",
     "make_schedule",

@@ -5,9 +5,12 @@ diffusion time, it predicts the noise ``eps`` that was added to every element. T
 encodings, so permuting the elements permutes the output the same way; masked attention means no real
 element ever attends to padding, so padded values cannot change a real element's output.
 
-Blocks are pre-LayerNorm (Xiong et al. 2020, arXiv:2002.04745). Conditioning (time, optional class,
-optional continuous context) is summed into one vector that is added to every element at the input
-and at the start of every block. The output layer starts at zero, so the untrained model predicts
+Blocks are pre-LayerNorm (Xiong et al. 2020, arXiv:2002.04745). Conditioning (time, the set's
+size, optional class, optional continuous context) is summed into one vector that is added to every
+element at the input and at the start of every block. The size must be given explicitly: softmax
+attention averages, so without it a set and the same set with every element duplicated would get
+the same output, while the scale of a feature such as a particle's momentum fraction depends
+strongly on how many particles share the jet. The output layer starts at zero, so the untrained model predicts
 ``eps = 0``. Options: induced set attention (ISAB, Lee et al. 2019, arXiv:1810.00825) for long sets,
 and element-wise residual MLPs used as encoder/decoder for latent diffusion.
 
@@ -28,15 +31,21 @@ import jax
 import jax.numpy as jnp
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
-    """Sinusoidal embedding of ``t`` in [0, 1] (Vaswani et al. 2017, sec. 3.5, applied to 1000 t)."""
+def sinusoidal_embedding(position, dim: int, max_period: float = 10_000.0):
+    """Sinusoidal embedding of a position ``[batch]`` (Vaswani et al. 2017, sec. 3.5): sines and
+    cosines of ``position`` at ``dim / 2`` frequencies from 1 down to ``1 / max_period``."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    angles = 1000.0 * t[:, None] * freqs[None, :]
+    angles = position.astype(jnp.float32)[:, None] * freqs[None, :]
     embedding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     if dim % 2:
         embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
     return embedding
+
+
+def timestep_embedding(t, dim: int):
+    """Sinusoidal embedding of diffusion times ``t`` in [0, 1], as positions ``1000 t`` (DDPM's)."""
+    return sinusoidal_embedding(1000.0 * t, dim)
 
 
 def rowwise(layer, h):
@@ -171,6 +180,8 @@ class ScoreNet(nn.Module):
             cond_keep = jnp.ones((batch,), bool)
         cond = timestep_embedding(t, self.d_model)
         cond = nn.Dense(4 * self.d_model)(cond)
+        n_elements = jnp.sum(mask, axis=1)  # the set's size, as an integer position
+        cond = cond + nn.Dense(4 * self.d_model, name="size_embedding")(sinusoidal_embedding(n_elements, self.d_model))
         cond = nn.Dense(self.d_model)(nn.swish(cond))
         if labels is not None:
             if not self.n_classes:

@@ -76,13 +76,21 @@ def train_step(
     optimizer: optax.GradientTransformation,
     ema_decay: float = 0.999,
     axis_name: str | None = None,
+    dims_per_batch: float | None = None,
 ):
     """One optimiser step on ``batch`` = ``{"x", "mask"[, "labels", "context"]}``.
 
     Under ``pmap(..., axis_name=axis_name)`` each device holds a consecutive shard of the batch and
-    the same ``rng``: every set draws its noise from its global index, the loss is normalised by the
-    global count of real dimensions and gradients are summed across devices, so the update equals
-    that of the whole batch on one device, whatever the split.
+    the same ``rng``: every set draws its noise from its global index, the loss is normalised over
+    the whole batch and gradients are summed across devices, so the update equals that of the whole
+    batch on one device, whatever the split.
+
+    The loss is the batch's summed negative ELBO divided by ``dims_per_batch``, the expected number
+    of real dimensions in a batch (the batch size times the data's mean multiplicity times the
+    features): every real dimension then weighs the same in every batch, so the objective is the
+    dataset's NELBO per dimension whatever decides which sets share a batch (batches grouped by
+    multiplicity would otherwise up-weight the elements of small sets, divided by a smaller count).
+    ``None`` divides by the batch's own count instead.
 
     Returns:
       ``(new_state, metrics)`` with the loss and its terms in bits per dimension and the gradient norm.
@@ -93,6 +101,8 @@ def train_step(
     if axis_name:
         n_dims = jax.lax.psum(n_dims, axis_name)
         set_ids = set_ids + jax.lax.axis_index(axis_name) * n_local
+    if dims_per_batch is not None:
+        n_dims = dims_per_batch
     n_sets = jax.lax.psum(n_local, axis_name) if axis_name else n_local
 
     def loss_fn(params):

@@ -22,9 +22,9 @@ def test_default_experiment_is_the_demo_preset(tmp_path):
 
 
 def test_overrides_and_group_choices_apply(tmp_path):
-    cfg = composed(tmp_path, "model=large", "train.steps=200", "data=jetnet150", "model.schedule=learned_monotonic")
+    cfg = composed(tmp_path, "model=large", "train.steps=200", "data=jetnet150", "model.schedule=fixed_linear")
     assert cfg["model"]["d_model"] == 256 and cfg["model"]["n_inducing"] == 32
-    assert cfg["model"]["schedule"] == "learned_monotonic"
+    assert cfg["model"]["schedule"] == "fixed_linear"
     assert cfg["train"]["steps"] == 200
     assert cfg["data"]["n_max"] == 150 and cfg["data"]["processed_dir"] == "data/processed/jetnet150"
 

@@ -53,6 +53,24 @@ def eps_hat(model, params, batch, x=None, labels=None, context=None):
 
 
 @pytest.mark.parametrize("n_inducing", [0, 4])
+def test_score_network_sees_the_size_of_a_set(batch, n_inducing):
+    """Attention averages over elements, so a set and the same set with every element duplicated look
+    alike to it; only the size conditioning tells them apart (a jet of 3 particles and one of 6
+    carry different momentum fractions)."""
+    model = small_model(n_inducing=n_inducing)
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    elements = batch["x"][2:3, :3]  # three elements of one set
+    single = jnp.zeros((1, N_MAX, DIM)).at[:, :3].set(elements)
+    doubled = jnp.zeros((1, N_MAX, DIM)).at[:, :3].set(elements).at[:, 3:6].set(elements)
+    outputs = []
+    for x, size in ((single, 3), (doubled, 6)):
+        mask = jnp.arange(N_MAX)[None, :] < size
+        outputs.append(model.apply(params, x, jnp.array([0.5]), mask, batch["labels"][:1], batch["context"][:1],
+                                   method=VDM.eps_hat)[0, :3])
+    assert float(jnp.max(jnp.abs(outputs[0] - outputs[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("n_inducing", [0, 4])
 def test_score_network_is_permutation_equivariant(batch, n_inducing):
     model = small_model(n_inducing=n_inducing)
     params = perturbed(init_params(model, jax.random.key(0), batch))
@@ -114,6 +132,20 @@ def test_schedules_are_monotone_with_the_requested_endpoints(name):
     np.testing.assert_allclose([gamma[0], gamma[-1]], [-13.3, 5.0], rtol=1e-5)
 
 
+def test_a_learned_gamma_0_stays_above_its_floor_so_the_bound_stays_finite(batch):
+    """Data on a surface (here every set's features equal) rewards a vanishing decoder width
+    exp(gamma(0) / 2) without bound; the schedule's floor keeps the NELBO bounded below."""
+    model = small_model("learned_linear")
+    params = init_params(model, jax.random.key(0), batch)
+    pushed = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf - 50.0 if "gamma_0" in jax.tree_util.keystr(path) else leaf, params)
+    assert float(model.apply(pushed, jnp.zeros(()), method=VDM.gamma)) == pytest.approx(-13.3)
+    flat = {**batch, "x": jnp.ones_like(batch["x"]) * batch["mask"][..., None]}
+    terms = model.apply(pushed, flat["x"], flat["mask"], flat["labels"], flat["context"], rngs={"diffusion": jax.random.key(1)})
+    floor_per_dim = 0.5 * (np.log(2 * np.pi) - 13.3)
+    assert np.all(np.asarray(terms.reconstruction) >= floor_per_dim * np.asarray(terms.n_dims) - 1e-3)
+
+
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("timesteps", [0, 50])
 @pytest.mark.parametrize("latent_dim", [0, 4])
@@ -131,12 +163,12 @@ def test_loss_and_gradients_are_finite(batch, schedule, timesteps, latent_dim):
 
 
 def test_discrete_time_loss_approaches_continuous_time_loss(batch):
-    continuous = small_model("learned_monotonic")
+    continuous = small_model("learned_linear")
     params = perturbed(init_params(continuous, jax.random.key(0), batch))
     t = jnp.asarray([0.13, 0.37, 0.61, 0.89])
 
     def diffusion_term(timesteps):
-        model = small_model("learned_monotonic", timesteps=timesteps)
+        model = small_model("learned_linear", timesteps=timesteps)
         terms = model.apply(params, batch["x"], batch["mask"], batch["labels"], batch["context"], t=t,
                             rngs={"diffusion": jax.random.key(5)})
         return np.asarray(terms.diffusion)
@@ -145,6 +177,34 @@ def test_discrete_time_loss_approaches_continuous_time_loss(batch):
     gaps = [np.abs(diffusion_term(T) - reference).max() / np.abs(reference).max() for T in (10, 100, 1000, 10000)]
     assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
     assert gaps[-1] < 1e-2, gaps
+
+
+def test_a_fixed_normaliser_weighs_every_element_the_same_however_sets_are_batched(batch):
+    """Two batches, one of the small sets and one of the large (as grouping by multiplicity makes
+    them), must step along the gradient of the whole batch: with the expected count of dimensions
+    per batch as the normaliser their mean gradient is the whole batch's; dividing each batch by
+    its own count would weigh an element of a small set more."""
+    model = small_model()
+    optimizer = make_optimizer(1e-3, 10)  # the update is not compared, only the gradients it starts from
+    state = create_train_state(model, jax.random.key(0), batch, optimizer)
+    n_dims = int(jnp.sum(batch["mask"])) * DIM
+
+    def gradient(rows, dims_per_batch):
+        part = {name: value[rows] for name, value in batch.items()}
+        loss = lambda p: vdm_loss(model, p, jax.random.key(1), part["x"], part["mask"], part["labels"], part["context"],  # noqa: E731
+                                  n_dims_total=dims_per_batch, set_ids=jnp.asarray(rows), n_sets=4)[0]
+        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(jax.grad(loss)(state.params))])
+
+    whole = gradient(np.arange(4), n_dims)
+    small, large = np.array([2, 3]), np.array([0, 1])  # sizes 1 and 3, then 7 and 5
+    halves = [gradient(rows, n_dims / 2) for rows in (small, large)]
+    np.testing.assert_allclose((halves[0] + halves[1]) / 2, whole, rtol=1e-4, atol=1e-7)
+    own_counts = [gradient(rows, int(jnp.sum(batch["mask"][rows])) * DIM) for rows in (small, large)]
+    assert not np.allclose((own_counts[0] + own_counts[1]) / 2, whole, rtol=1e-2)
+    # train_step divides by the normaliser it is given, else by the batch's own count
+    _, fixed = train_step(state, batch, jax.random.key(1), model=model, optimizer=optimizer, dims_per_batch=2.0 * n_dims)
+    _, own = train_step(state, batch, jax.random.key(1), model=model, optimizer=optimizer)
+    assert float(fixed["loss_bpd"]) == pytest.approx(float(own["loss_bpd"]) / 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
