@@ -23,14 +23,27 @@ Outputs in ``results/<experiment>/evaluate/``: ``metrics.json``, a flat dict wit
 ``w1p``, ``w1p_std``         the mean of those three (and of their std)
 ``w1efp``, ``w1efp_std``     the mean W1 of the 5 EFPs n = 4, d = 4 (and of their std)
 ``fpd``, ``fpd_err``         Frechet physics distance on the 36 EFPs, extrapolated to N -> inf
+``fpd_min_jets``,            the smallest and largest FPD batch N used: ``evaluate.fpd_min_jets``
+``fpd_max_jets``             to ``fpd_max_jets``, scaled down to end at the smaller sample
+``fpd_capped``               1 when they were scaled down, else 0
 ``kpd``, ``kpd_err``         kernel physics distance: median MMD^2, half the 68% range
 ``cov``, ``cov_std``         coverage with the EMD between jets (1 is ideal)
 ``mmd``, ``mmd_std``         minimum matching EMD (in units of pT_jet)
 ``n_reference``, ``n_other`` jets of each side in the group
 =========================== ===============================================================
 
-plus ``metrics.md`` and ``metrics.tsv`` (the table in the units papers quote) and ``plots/``
+plus ``metrics.md`` and ``metrics.tsv`` (the table in the units papers quote; ``metrics.md`` also
+says how each metric drew its batches and which FPD batch sizes each row used) and ``plots/``
 (``pipeline.plots``: samples vs reference). All values and plots go to the MLflow run.
+
+FPD batches are drawn without replacement, so they hold at most the smaller sample; when
+``evaluate.fpd_max_jets`` exceeds it the batch sizes are scaled down (``metrics.fpd_batch_sizes``)
+and ``fpd_capped`` says so. Two FPDs are comparable as estimates of the same N -> inf limit at any
+sample sizes, but their errors shrink with the jets behind them. The W1 metrics draw
+``evaluate.n_jets`` with replacement (JetNet's definition): W1 of two finite samples of one
+distribution is above zero by an amount that falls with the jets in each (the batch size cannot
+add jets a sample does not hold), so compare W1 values, and the truth floor, at equal
+``n_reference`` and ``n_other``.
 """
 
 from __future__ import annotations
@@ -61,6 +74,7 @@ TABLE_COLUMNS = (
     ("MMD ×10³", "mmd", 1e3),
 )
 UNCERTAINTY = {"fpd": "fpd_err", "kpd": "kpd_err"}  # the others: "<metric>_std"
+COMPARISON_TITLES = {"sample": "model vs test", "truth": "train vs test (truth)"}
 
 
 def input_paths(cfg: DictConfig) -> dict[str, Path | None]:
@@ -119,6 +133,10 @@ def compare(reference: dict, other: dict, reference_efps: np.ndarray, other_efps
         reference_efps, other_efps, min_jets=settings.fpd_min_jets, max_jets=settings.fpd_max_jets,
         n_points=settings.fpd_points, n_batches=settings.fpd_batches, rng=rng,
     )
+    fpd_batch_sizes = jet_metrics.fpd_batch_sizes(len(reference_efps), len(other_efps), settings.fpd_min_jets,
+                                                  settings.fpd_max_jets, settings.fpd_points)
+    values["fpd_min_jets"], values["fpd_max_jets"] = fpd_batch_sizes[0], fpd_batch_sizes[-1]
+    values["fpd_capped"] = float(fpd_batch_sizes[-1] < settings.fpd_max_jets)
     values["kpd"], values["kpd_err"] = jet_metrics.kpd(
         reference_efps, other_efps, n_batches=settings.kpd_batches, n_per_batch=settings.kpd_jets, rng=rng
     )
@@ -170,7 +188,7 @@ def table_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in dict.fromkeys(key.rsplit(".", 1)[0] for key in metrics):
         comparison, group = row.split(".")
-        cells = ["model vs test" if comparison == "sample" else "train vs test (truth)", group]
+        cells = [COMPARISON_TITLES[comparison], group]
         for _, metric, scale in TABLE_COLUMNS:
             value, error = metrics.get(f"{row}.{metric}"), metrics.get(f"{row}.{UNCERTAINTY.get(metric, metric + '_std')}")
             cells.append("" if value is None else f"{value * scale:.3g} ± {error * scale:.2g}")
@@ -182,6 +200,31 @@ def markdown_table(metrics: dict[str, float]) -> str:
     header, rows = table_rows(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def table_notes(metrics: dict[str, float], settings: DictConfig) -> str:
+    """How each metric of the table drew its batches, and the FPD batch sizes of each row (capped or not)."""
+    lines = [
+        f"- W1M, W1P, W1EFP: {settings.w1_batches} batches of {settings.n_jets} jets per side, drawn with replacement "
+        "(JetNet's definition); W1 of two finite samples of one distribution is above zero by an amount that falls with "
+        "the jets each holds, so compare W1 rows only at equal jet counts.",
+        f"- FPD: {settings.fpd_points} batch sizes N evenly spaced in 1/N, {settings.fpd_batches} batches of N jets per "
+        f"side at each, drawn without replacement, extrapolated to N -> inf; configured N from {settings.fpd_min_jets} to "
+        f"{settings.fpd_max_jets}, both scaled down to end at the smaller sample where it holds fewer than {settings.fpd_max_jets} "
+        "jets (capped):",
+    ]
+    for row in dict.fromkeys(key.rsplit(".", 1)[0] for key in metrics):
+        comparison, group = row.split(".")
+        sizes = f"N from {metrics[f'{row}.fpd_min_jets']:.0f} to {metrics[f'{row}.fpd_max_jets']:.0f}"
+        capped = "capped" if metrics[f"{row}.fpd_capped"] else "as configured"
+        jets = f"{metrics[f'{row}.n_reference']:.0f} reference and {metrics[f'{row}.n_other']:.0f} other jets"
+        lines.append(f"  - {COMPARISON_TITLES[comparison]}, {group}: {sizes} ({capped}; {jets})")
+    lines.append(
+        f"- KPD: {settings.kpd_batches} batches of {settings.kpd_jets} jets per side, drawn with replacement; pairs of "
+        "one jet drawn twice are left out of the MMD^2, so repeats do not bias it."
+    )
+    lines.append(f"- COV, MMD: {settings.cov_mmd_batches} batches of {settings.cov_mmd_jets} jets per side, drawn with replacement.")
+    return "\n".join(lines) + "\n"
 
 
 def tab_separated_table(metrics: dict[str, float]) -> str:
@@ -198,7 +241,8 @@ def main(cfg: Config) -> None:
         with atomic_output(output_dir / "metrics.json") as file:
             json.dump(metrics, file, indent=2)
         with atomic_output(output_dir / "metrics.md") as file:
-            file.write(f"Samples: {paths['samples']}\nReference: {paths['reference']}\nTruth: {paths['truth']}\n\n{table}")
+            file.write(f"Samples: {paths['samples']}\nReference: {paths['reference']}\nTruth: {paths['truth']}\n\n{table}\n"
+                       f"Batches:\n\n{table_notes(metrics, cfg.evaluate)}")
         with atomic_output(output_dir / "metrics.tsv") as file:
             file.write(tab_separated_table(metrics))
         plots = plot_comparison(reference, samples, output_dir / "plots", metrics)

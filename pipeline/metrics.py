@@ -7,8 +7,16 @@ Networks", arXiv:2106.11535 (``w1m``, ``w1p``, ``w1efp``, coverage and MMD), and
 Every sample enters as a padded set in the sets file's layout: ``particles[n_jets, n_max, 3]`` with
 features ``PARTICLE_FEATURES`` (``eta_rel``, ``phi_rel`` in radians, ``pt_rel`` as a fraction of the
 jet pT) and ``mask[n_jets, n_max]`` (True for a real particle). Padded rows never enter a metric.
-Bootstrap batches draw jets with replacement, the real sample's rows first and then the generated
-sample's, from the ``numpy.random.Generator`` passed in. Arithmetic is float64 throughout.
+Angular distances between particles wrap the azimuthal difference into (-pi, pi]
+(``pipeline.jets.delta_r``), as energyflow's hadronic measure does.
+
+Batches draw jets from the ``numpy.random.Generator`` passed in, the real sample's rows first and
+then the generated sample's. W1, KPD and coverage/MMD draw with replacement, as JetNet; FPD draws
+without replacement, with its batch sizes capped at the smaller sample (``fpd_batch_sizes``), unlike
+JetNet: its 1/N extrapolation removes the finite-batch bias only when every batch is itself an
+independent sample of the distribution, which a batch drawn with replacement from a finite sample is
+not. KPD leaves out the pairs of one jet drawn twice, so its repeats bias nothing
+(``polynomial_mmd_squared``). Arithmetic is float64 throughout.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import scipy.sparse.csgraph
 import scipy.stats
 
 from .config import PARTICLE_FEATURES
-from .jets import jet_from_relative_particles
+from .jets import delta_r, jet_from_relative_particles
 from .stage import PipelineError
 
 # energyflow's particle coordinates (pT, rapidity, phi): our columns in that order.
@@ -110,6 +118,13 @@ def _bootstrap_rows(rng: np.random.Generator, n_real: int, n_generated: int, n_p
         yield rng.integers(n_real, size=n_per_batch), rng.integers(n_generated, size=n_per_batch)
 
 
+def _subsample_rows(rng: np.random.Generator, n_real: int, n_generated: int, n_per_batch: int, n_batches: int):
+    """For each batch, ``(real_rows, generated_rows)``: ``n_per_batch`` distinct row indices of each
+    sample (drawn without replacement, so at most the smaller sample's size), the real sample's first."""
+    for _ in range(n_batches):
+        yield rng.choice(n_real, size=n_per_batch, replace=False), rng.choice(n_generated, size=n_per_batch, replace=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Jet observables
 
@@ -165,10 +180,11 @@ def _graph_einsum(n_vertices: int, edges) -> tuple[str, list[int]]:
 
 def _efp_chunk(particles: np.ndarray, mask: np.ndarray, connected, factors) -> np.ndarray:
     """EFPs of a chunk of padded jets: ``z_i = pt_rel_i`` (0 on padding), ``theta_ij`` the eta-phi
-    distance; each connected graph once, then every EFP as the product of its components."""
+    distance with the azimuthal difference wrapped (``delta_r``); each connected graph once, then
+    every EFP as the product of its components."""
     eta, phi, pt = (particles[..., PARTICLE_FEATURES.index(name)] for name in ("eta_rel", "phi_rel", "pt_rel"))
     z = np.where(mask, pt, 0.0)
-    theta = np.hypot(eta[:, :, None] - eta[:, None, :], phi[:, :, None] - phi[:, None, :])
+    theta = delta_r(eta[:, :, None], phi[:, :, None], eta[:, None, :], phi[:, None, :])
     theta_powers = {1: theta}
     values = []
     for subscripts, n_vertices, powers in connected:
@@ -186,11 +202,14 @@ def energy_flow_polynomials(particles, mask, efpset_args=FPD_EFP_GRAPHS, chunk_e
 
     Hadronic measure with beta = 1, unnormalised, as JetNet: an EFP with n vertices and d edges is
     a sum over n-tuples of particles of the product of their ``pt_rel`` (fractions of the jet pT)
-    and of the d eta-phi distances its edges name (radians); padded rows have no pT, so only real
-    particles enter. The graphs and their order are energyflow's ``EFPSet``'s; the values are
-    computed here on whole batches of padded jets with ``np.einsum`` (each connected graph once, a
-    disconnected EFP as the product of its components), equal to ``EFPSet.batch_compute`` to
-    rounding and several times faster. Jets go ``chunk_elements / n_max^2`` at a time.
+    and of the d eta-phi distances its edges name (radians, the azimuthal difference wrapped into
+    (-pi, pi] as energyflow's measure wraps it; the two agree for any ``phi_rel`` within
+    [-3 pi / 2, 3 pi / 2], beyond which energyflow's formula is no longer periodic); padded rows
+    have no pT, so only real particles enter. The graphs and their order are energyflow's
+    ``EFPSet``'s; the values are computed here on whole batches of padded jets with ``np.einsum``
+    (each connected graph once, a disconnected EFP as the product of its components), equal to
+    ``EFPSet.batch_compute`` to rounding and several times faster. Jets go
+    ``chunk_elements / n_max^2`` at a time.
     """
     particles, mask = _checked_sample(particles, mask, "given")
     efp_set = _efp_set(efpset_args)
@@ -341,6 +360,31 @@ def scale_by_real_maximum(real_features, gen_features) -> tuple[np.ndarray, np.n
     return real_features / scale, gen_features / scale
 
 
+def fpd_batch_sizes(n_real: int, n_generated: int, min_jets: int = 20_000, max_jets: int = 50_000, n_points: int = 10
+                    ) -> np.ndarray:
+    """The batch sizes N, ascending, at which ``fpd`` measures the Frechet distance between samples of
+    ``n_real`` and ``n_generated`` jets: ``n_points`` sizes evenly spaced in 1/N from ``1/min_jets`` to
+    ``1/max_jets`` (arXiv:2211.10295; JetNet's defaults 20 000 and 50 000), rounded.
+
+    Batches are drawn without replacement, so none can hold more jets than the smaller sample: when
+    ``max_jets`` exceeds it, both ends are scaled by the same factor, so that the largest batch is the
+    whole smaller sample and the range keeps its ratio ``min_jets / max_jets`` (its lever arm in 1/N).
+    """
+    _require_at_least("min_jets", min_jets, 2)
+    _require_at_least("max_jets", max_jets, min_jets + 1)
+    _require_at_least("n_points", n_points, 3)
+    smaller_sample = min(n_real, n_generated)
+    scale = min(1.0, smaller_sample / max_jets)
+    sizes = np.rint(1 / np.linspace(1 / (min_jets * scale), 1 / (max_jets * scale), n_points)).astype(int)
+    if sizes[0] < 2 or sizes[0] == sizes[-1]:
+        raise PipelineError(
+            f"the smaller sample has {smaller_sample} jets, too few for FPD batches from {min_jets} to {max_jets} jets "
+            f"scaled down to it ({sizes[0]} to {sizes[-1]}: the 1/N fit needs at least 2 jets and two different sizes); "
+            "score samples with more jets."
+        )
+    return sizes
+
+
 def fpd(real_features, gen_features, *, min_jets: int = 20_000, max_jets: int = 50_000, n_points: int = 10,
         n_batches: int = 20, rng: np.random.Generator) -> tuple[float, float]:
     """Frechet physics distance (arXiv:2211.10295): the Frechet distance between Gaussians fitted
@@ -348,21 +392,26 @@ def fpd(real_features, gen_features, *, min_jets: int = 20_000, max_jets: int = 
     extrapolated to infinitely many jets. Dimensionless: features are first divided by the real
     sample's maximum (``scale_by_real_maximum``).
 
-    Batch sizes N are ``n_points`` values evenly spaced in 1/N from ``1/min_jets`` to ``1/max_jets``;
-    at each, the distance is averaged over ``n_batches`` batches of N jets drawn with replacement from
-    each side. A least-squares fit ``FD(N) = intercept + slope / N`` with both coefficients >= 0 gives
-    ``(intercept, its standard error)``.
+    At each batch size N of ``fpd_batch_sizes`` (``min_jets`` to ``max_jets``, capped at the smaller
+    sample) the distance is averaged over ``n_batches`` batches of N jets drawn without replacement
+    from each side. A least-squares fit ``FD(N) = intercept + slope / N`` with both coefficients >= 0
+    gives ``(intercept, its standard error)``.
+
+    Without replacement, each batch is an independent sample of N jets of its distribution, so the
+    mean FD(N) follows the finite-sample bias of N jets and the intercept extrapolates it away.
+    JetNet draws with replacement; a batch so drawn also carries the fluctuation of the finite
+    sample it is drawn from, a bias of order 1/(jets in each sample) that no batch size removes.
+    The error is the fit's: it counts the scatter of the batch means about the line, not the
+    fluctuation of the two samples themselves, which all batches share, so it understates how much
+    the FPD of other samples of the same distributions would differ.
     """
     real_features, gen_features = scale_by_real_maximum(real_features, gen_features)
-    _require_at_least("min_jets", min_jets, 2)
-    _require_at_least("max_jets", max_jets, min_jets + 1)
-    _require_at_least("n_points", n_points, 3)
+    batch_sizes = fpd_batch_sizes(len(real_features), len(gen_features), min_jets, max_jets, n_points)
     _require_at_least("n_batches", n_batches, 1)
-    batch_sizes = (1 / np.linspace(1 / min_jets, 1 / max_jets, n_points)).astype(int)
     mean_distances = []
     for batch_size in batch_sizes:
         distances = []
-        for real_rows, generated_rows in _bootstrap_rows(rng, len(real_features), len(gen_features), batch_size, n_batches):
+        for real_rows, generated_rows in _subsample_rows(rng, len(real_features), len(gen_features), batch_size, n_batches):
             real_batch, generated_batch = real_features[real_rows], gen_features[generated_rows]
             distances.append(frechet_distance(
                 real_batch.mean(axis=0), np.cov(real_batch, rowvar=False),
@@ -376,13 +425,21 @@ def fpd(real_features, gen_features, *, min_jets: int = 20_000, max_jets: int = 
     return float(intercept), float(np.sqrt(covariance[0, 0]))
 
 
-def polynomial_mmd_squared(x, y) -> float:
+def polynomial_mmd_squared(x, y, x_counts=None, y_counts=None) -> float:
     """Unbiased (quadratic-time) estimate of the squared maximum mean discrepancy between the
     samples ``x [n, d]`` and ``y [m, d]`` with the polynomial kernel ``k(a, b) = (a.b / d + 1)^4``
-    (Binkowski et al. 2018, arXiv:1801.01401; KPD of arXiv:2211.10295): the mean of the
-    off-diagonal ``k(x_i, x_j)`` plus that of ``k(y_i, y_j)`` minus twice the mean ``k(x_i, y_j)``.
-    In the squared units of the kernel (dimensionless for max-scaled features)."""
+    (Binkowski et al. 2018, arXiv:1801.01401; KPD of arXiv:2211.10295): the mean of
+    ``k(x_i, x_j)`` over pairs of different jets plus that of ``k(y_i, y_j)`` minus twice the mean
+    ``k(x_i, y_j)``. In the squared units of the kernel (dimensionless for max-scaled features).
+
+    ``x_counts[n]`` and ``y_counts[m]`` (default: all 1) say how many times each row was drawn: the
+    value is that of the batch of all draws, its pairs of one jet drawn twice left out like the
+    diagonal, for ``k(x, x)`` of a repeated jet is no draw of ``k(x, x')`` and would bias the
+    estimate upwards by about ``(E k(x, x) - E k(x, x')) / n`` per side.
+    """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x_counts = np.ones(len(x)) if x_counts is None else np.asarray(x_counts, np.float64)
+    y_counts = np.ones(len(y)) if y_counts is None else np.asarray(y_counts, np.float64)
     n_features = x.shape[1]
 
     def kernel(a, b):
@@ -391,27 +448,37 @@ def polynomial_mmd_squared(x, y) -> float:
         gram += 1
         return np.power(gram, KPD_KERNEL_DEGREE, out=gram)
 
-    def off_diagonal_mean(samples):
+    def mean_over_pairs_of_different_jets(samples, counts):
         kernel_matrix = kernel(samples, samples)
-        n = len(samples)
-        return (kernel_matrix.sum() - np.trace(kernel_matrix)) / (n * (n - 1))
+        same_jet_pairs = counts**2
+        total = counts @ kernel_matrix @ counts - same_jet_pairs @ np.diag(kernel_matrix)
+        return total / (counts.sum() ** 2 - same_jet_pairs.sum())
 
-    return float(off_diagonal_mean(x) + off_diagonal_mean(y) - 2 * kernel(x, y).mean())
+    across = x_counts @ kernel(x, y) @ y_counts / (x_counts.sum() * y_counts.sum())
+    return float(mean_over_pairs_of_different_jets(x, x_counts) + mean_over_pairs_of_different_jets(y, y_counts) - 2 * across)
 
 
 def kpd(real_features, gen_features, *, n_batches: int = 10, n_per_batch: int = 5_000, rng: np.random.Generator
         ) -> tuple[float, float]:
     """Kernel physics distance (arXiv:2211.10295): ``polynomial_mmd_squared`` between batches of
-    ``n_per_batch`` jets drawn with replacement from each side, on features divided by the real
-    sample's maximum (dimensionless). Returns the median over ``n_batches`` batches and half the
-    ``KPD_ERROR_PERCENTILES`` range as its error."""
+    ``n_per_batch`` jets drawn with replacement from each side, as JetNet, on features divided by the
+    real sample's maximum (dimensionless). Pairs of one jet drawn twice are left out, so the estimate
+    stays unbiased however many jets repeat (a batch may be larger than its sample). Returns the
+    median over ``n_batches`` batches and half the ``KPD_ERROR_PERCENTILES`` range as its error."""
     real_features, gen_features = scale_by_real_maximum(real_features, gen_features)
     _require_at_least("n_batches", n_batches, 1)
     _require_at_least("n_per_batch", n_per_batch, 2)
-    values = [
-        polynomial_mmd_squared(real_features[real_rows], gen_features[generated_rows])
-        for real_rows, generated_rows in _bootstrap_rows(rng, len(real_features), len(gen_features), n_per_batch, n_batches)
-    ]
+    values = []
+    for real_rows, generated_rows in _bootstrap_rows(rng, len(real_features), len(gen_features), n_per_batch, n_batches):
+        (real_jets, real_counts), (generated_jets, generated_counts) = (
+            np.unique(rows, return_counts=True) for rows in (real_rows, generated_rows)
+        )
+        if len(real_jets) < 2 or len(generated_jets) < 2:
+            raise PipelineError(
+                f"a KPD batch drew a single distinct jet of a sample ({len(real_features)} real, {len(gen_features)} generated "
+                "jets): the MMD needs pairs of different jets; draw more jets per batch (n_per_batch) or score larger samples."
+            )
+        values.append(polynomial_mmd_squared(real_features[real_jets], gen_features[generated_jets], real_counts, generated_counts))
     return float(np.median(values)), float(scipy.stats.iqr(values, rng=KPD_ERROR_PERCENTILES) / 2)
 
 

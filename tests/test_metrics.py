@@ -4,6 +4,8 @@ import energyflow
 import numpy as np
 import pytest
 
+import pipeline.metrics
+from pipeline.jets import wrap_phi
 from pipeline.metrics import (
     W1_EFP_GRAPHS,
     bootstrap_w1,
@@ -12,6 +14,7 @@ from pipeline.metrics import (
     emd_matrix,
     energy_flow_polynomials,
     fpd,
+    fpd_batch_sizes,
     frechet_distance,
     kpd,
     polynomial_mmd_squared,
@@ -143,6 +146,29 @@ def test_batched_efps_equal_energyflows_on_the_zero_padded_jets():
     np.testing.assert_allclose(batched, padded, rtol=1e-10)
 
 
+def test_efps_of_jets_across_phi_rel_pi_equal_energyflows_and_the_unrotated_jets():
+    """A jet turned by pi in phi has particles on both sides of phi_rel = +-pi, close in angle:
+    energyflow's hadronic measure wraps the azimuthal difference, and so must the batched EFPs.
+    Turning a jet changes no angle between its particles, so its EFPs stay those of the jet
+    centred at phi_rel = 0; unwrapped differences (near 2 pi instead of a few tenths) break both."""
+    centred, mask = single_jet([[0.1, 0.05, 0.5], [-0.05, -0.1, 0.3], [0.0, 0.2, 0.15], [0.2, -0.25, 0.05]])
+    turned_phi = centred[0, :, PHI] + np.pi
+    odd_particles = np.arange(len(turned_phi)) % 2 == 1
+    phi_versions = [
+        wrap_phi(turned_phi),  # as preprocessing writes it: in (-pi, pi]
+        turned_phi - 2 * np.pi * odd_particles,  # as a generator may write it: beyond pi, and the same angles minus 2 pi
+    ]
+    turned = np.repeat(centred, len(phi_versions), axis=0)
+    turned[..., PHI] = np.where(mask, phi_versions, 0.0)
+    turned_mask = np.repeat(mask, len(phi_versions), axis=0)
+    for phi, jet_mask in zip(turned[..., PHI], turned_mask):
+        assert np.abs(phi[jet_mask][:, None] - phi[jet_mask][None, :]).max() > np.pi  # the wrap matters here
+    efp_set = energyflow.EFPSet(("d<=", 4), measure="hadr", beta=1, normed=None, coords="ptyphim")
+    batched = energy_flow_polynomials(turned, turned_mask)
+    np.testing.assert_allclose(batched, efp_set.batch_compute(turned[..., [PT, ETA, PHI]], n_jobs=1), rtol=1e-10)
+    np.testing.assert_allclose(batched, np.repeat(energy_flow_polynomials(centred, mask), len(phi_versions), axis=0), rtol=1e-10)
+
+
 def test_padded_rows_enter_no_metric():
     real, real_mask = random_jets(12, 40)
     generated, generated_mask = random_jets(13, 40)
@@ -268,6 +294,41 @@ def test_fpd_of_shifted_gaussians_approaches_the_analytic_distance():
     assert error < 0.1 * analytic
 
 
+def test_fpd_batch_sizes_are_the_configured_ones_or_scaled_down_to_the_smaller_sample():
+    configured = fpd_batch_sizes(60_000, 80_000, min_jets=20_000, max_jets=50_000, n_points=10)
+    np.testing.assert_array_equal(configured, np.rint(1 / np.linspace(1 / 20_000, 1 / 50_000, 10)))
+    assert configured[0] == 20_000 and configured[-1] == 50_000
+    capped = fpd_batch_sizes(10_000, 3_000, min_jets=20_000, max_jets=50_000, n_points=10)
+    assert capped[0] == 1_200 and capped[-1] == 3_000  # the configured ratio 2:5, ending at the smaller sample
+    np.testing.assert_allclose(1 / capped, np.linspace(1 / 1_200, 1 / 3_000, 10), rtol=1e-3)  # evenly spaced in 1/N
+    with pytest.raises(PipelineError, match="the smaller sample has 3 jets, too few for FPD batches from 20000 to 50000"):
+        fpd_batch_sizes(3, 100, min_jets=20_000, max_jets=50_000, n_points=10)
+
+
+def test_fpd_of_two_small_samples_of_one_distribution_extrapolates_their_finite_sample_bias_away(monkeypatch):
+    """Two samples of 2 500 jets of one distribution, scored with the default batch sizes (20 000 to
+    50 000, so capped at 2 500): the Frechet distance of the two whole samples is all finite-sample
+    bias, and FPD must extrapolate it away (over 30 seeds FPD stayed below 0.36 of it). Batches drawn
+    with replacement carry each sample's own fluctuation into every batch, so their FPD extrapolates
+    to that distance instead (at least 0.8 of it over 30 seeds), whether the batches are capped or,
+    as this pipeline drew them before, far larger than the samples."""
+    rng = np.random.default_rng(30)
+    real, generated = rng.normal(size=(2_500, 10)), rng.normal(size=(2_500, 10))
+    scaled_real, scaled_generated = scale_by_real_maximum(real, generated)
+    whole_samples_distance = frechet_distance(scaled_real.mean(axis=0), np.cov(scaled_real, rowvar=False),
+                                              scaled_generated.mean(axis=0), np.cov(scaled_generated, rowvar=False))
+    value, error = fpd(real, generated, rng=np.random.default_rng(31))
+    assert 0 <= value < 0.5 * whole_samples_distance and np.isfinite(error)
+
+    monkeypatch.setattr(pipeline.metrics, "_subsample_rows", pipeline.metrics._bootstrap_rows)
+    capped_with_replacement, _ = fpd(real, generated, rng=np.random.default_rng(31))
+    monkeypatch.setattr(pipeline.metrics, "fpd_batch_sizes", lambda n_real, n_generated, min_jets, max_jets, n_points:
+                        np.rint(1 / np.linspace(1 / min_jets, 1 / max_jets, n_points)).astype(int))
+    beyond_the_samples_with_replacement, _ = fpd(real, generated, min_jets=5_000, max_jets=12_500, rng=np.random.default_rng(31))
+    assert capped_with_replacement > 0.5 * whole_samples_distance
+    assert beyond_the_samples_with_replacement > 0.5 * whole_samples_distance
+
+
 def test_polynomial_mmd_squared_matches_a_double_loop():
     rng = np.random.default_rng(22)
     x, y = rng.normal(size=(4, 2)), rng.normal(size=(3, 2)) + 0.5
@@ -279,6 +340,29 @@ def test_polynomial_mmd_squared_matches_a_double_loop():
     within_y = sum(kernel(y[i], y[j]) for i in range(3) for j in range(3) if i != j) / (3 * 2)
     across = sum(kernel(x[i], y[j]) for i in range(4) for j in range(3)) / (4 * 3)
     assert polynomial_mmd_squared(x, y) == pytest.approx(within_x + within_y - 2 * across, rel=1e-12)
+
+
+def test_kpd_batches_leave_out_the_pairs_of_one_jet_drawn_twice():
+    """Batches of 12 jets drawn with replacement from 5 repeat jets: each batch's MMD^2 is the mean
+    kernel over pairs of different jets (a jet paired with its own repeat adds k(x, x), no draw of
+    k(x, x'), and biases it up), here by a double loop over the drawn positions, the real rows first."""
+    rng = np.random.default_rng(40)
+    real, generated = rng.normal(size=(5, 2)), rng.normal(size=(5, 2)) + 0.3
+    value, _ = kpd(real, generated, n_batches=1, n_per_batch=12, rng=np.random.default_rng(41))
+    draws = np.random.default_rng(41)
+    real_rows, generated_rows = draws.integers(5, size=12), draws.integers(5, size=12)
+    x, y = scale_by_real_maximum(real, generated)
+
+    def kernel(a, b):
+        return (a @ b / 2 + 1) ** 4
+
+    def within(samples, rows):
+        return np.mean([kernel(samples[rows[a]], samples[rows[b]]) for a in range(12) for b in range(12) if rows[a] != rows[b]])
+
+    across = np.mean([kernel(x[i], y[j]) for i in real_rows for j in generated_rows])
+    assert value == pytest.approx(within(x, real_rows) + within(y, generated_rows) - 2 * across, rel=1e-12)
+    with_repeats_paired = polynomial_mmd_squared(x[real_rows], y[generated_rows])  # repeats in place of the diagonal
+    assert value < with_repeats_paired - 0.01 * abs(value)
 
 
 def test_kpd_is_near_zero_for_one_distribution_and_positive_for_shifted_ones():
@@ -342,6 +426,9 @@ def test_bad_features_and_settings_are_refused_with_a_message():
         fpd(features, features, min_jets=10, max_jets=20, n_points=2, n_batches=1, rng=rng)
     with pytest.raises(PipelineError, match="n_per_batch=0 is too small"):
         bootstrap_w1(features, features, 1, 0, rng)
+    with pytest.raises(PipelineError, match="a KPD batch drew a single distinct jet of a sample .1 real, 50 generated jets.: "
+                                            "the MMD needs pairs of different jets"):
+        kpd(features[:1], features, n_batches=1, n_per_batch=10, rng=rng)
 
 
 def test_bootstrap_w1_equals_scipys_w1_of_the_drawn_jets():
