@@ -1,28 +1,66 @@
-"""Likelihood stage: the trained model as a density, per jet, and as an anomaly detector.
+"""Likelihood stage: the trained model as a density over jets, and as an anomaly detector.
 
 ``python -m pipeline.likelihood experiment=<name> [likelihood.sets=<path>]`` scores every jet of a
-sets file (default: the dataset's test split) with the negative ELBO of the training run's EMA
-parameters, in bits per dimension (``setdiff.nelbo``: VDM's bound, Kingma et al. 2021,
-arXiv:2107.00630 eq. 11, averaged over ``likelihood.n_samples`` stratified times). The ELBO bounds
-log p(x | class), so a jet's NELBO is an upper bound on its negative log-likelihood per dimension.
+sets file (default: the dataset's test split) under the training run's EMA parameters.
 
-Two scores per jet:
+**The likelihood of a jet.** A jet is a set of ``n`` particles with ``d`` features each. The sets
+file stores it as the tuple ``s = (s_1, ..., s_n)`` sorted by decreasing ``pt_rel``, and the model
+sees it standardised, ``z = (s - mu) / sigma`` per feature (``normalisation.json``, from the train
+split). The VDM (Kingma et al. 2021, arXiv:2107.00630) is conditioned on the multiplicity (through
+the mask) and on the class ``c``; its ELBO bounds the log density ``q`` of ``z`` in R^(n d) (VDM
+eq. 11), estimated by ``setdiff.nelbo`` with ``likelihood.n_samples`` stratified times:
 
-* ``nelbo_bpd``: given the jet's own class, for the classes the model was trained on (NaN for others);
-* ``anomaly_score``: the smallest NELBO over the model's classes, min_c NELBO(x | c), which needs no
-  label and so applies to any jet.
+    -ln q(z | n, c) <= NELBO(z | n, c).
+
+The score network (``setdiff.ScoreNet``: no positional encodings) is permutation-equivariant and
+the diffusion noise is i.i.d. over particles, so ``q`` is exchangeable: ``q(z_pi | n, c) = q(z | n,
+c)`` for every permutation ``pi`` of the particles. Sorting by ``pt_rel`` maps each of the ``n!``
+regions of R^(n d) where the particles come in one given order onto the region of sorted tuples, by
+a permutation of coordinates (Jacobian 1), so the sorted tuple has density ``sum_pi q(z_pi | n, c)
+= n! q(z | n, c)`` there and 0 elsewhere (ties have probability zero). That is the density of the
+jet as a set of ``n`` particles: with ``p(n | c)`` below, ``p(n | c) n! q`` is the Janossy density
+``j_n`` of a finite point process (Daley & Vere-Jones 2003, *An Introduction to the Theory of Point
+Processes* I, section 5.3); for i.i.d. elements, ``n! prod_i f(s_i)`` is the density of the order
+statistics (David & Nagaraja 2003, *Order Statistics*, section 2.2). In the file's physical units (``z = (s - mu) / sigma`` has Jacobian
+``prod_f sigma_f^(-n)``):
+
+    p(s | n, c) = n! q(z | n, c) prod_f sigma_f^(-n)    for s_1 > ... > s_n in pt_rel.
+
+The VDM does not model the multiplicity; ``p(n | c)`` is the train split's histogram of class
+``c`` with add-one (Laplace) smoothing over ``n = 1 .. n_max``, ``p(n | c) = (N_c(n) + 1) / (N_c +
+n_max)``, so a multiplicity never seen in training is unlikely but not impossible (``n_max``: the
+train split's; empty jets have no density, and preprocessing drops them). The negative
+log-likelihood of a jet with its multiplicity, in nats per jet, is then bounded by
+
+    -ln p(s, n | c) = -ln q(z | n, c) - ln n! + n sum_f ln sigma_f - ln p(n | c)
+                   <= NELBO_nats(z | n, c) - ln n! + n sum_f ln sigma_f - ln p(n | c).
+
+The three terms after the NELBO depend on ``n`` only; a per-dimension NELBO leaves them out and so
+does not compare jets of different multiplicities (nor, through ``sigma``, models trained with
+different normalisations).
+
+Scores per jet, in ``nelbo.h5``:
+
+* ``nll_nats``: the bound on ``-ln p(s, n | c)`` above, given the jet's own class, for the classes
+  the model was trained on (NaN for others); ``nll_nats_per_class`` given each of the model's classes;
+* ``anomaly_score``: ``-ln sum_c pi_c exp(-nll_nats(c))``, ``pi_c`` the train split's class
+  fractions: a bound on the negative log-likelihood of the jet under the mixture of classes the
+  model was trained on (each ``exp(-nll_nats(c))`` is a lower bound on ``p(s, n | c)``). It needs
+  no label, so it applies to any jet; high is anomalous;
+* ``nelbo_bpd``: ``NELBO(z | n, c)`` alone, in bits per dimension (the unit of the train stage's
+  ``val_nelbo_bpd``), given the jet's own class; ``nelbo_bpd_per_class`` given each class.
 
 When the file holds classes the model was not trained on (a model trained on QCD jets, g and q,
 scoring a test split with top jets), those jets are the signal and the trained classes the
-background: the ROC curve of ``anomaly_score`` (high = anomalous) and its AUC are computed
-(scikit-learn), plotted and logged. Outputs in ``results/<experiment>/likelihood/``:
-``nelbo.h5`` (per-jet scores, labels, class names), ``metrics.json`` (mean NELBO per class, AUC)
-and ``roc.png``.
+background: the ROC curve of ``anomaly_score`` and its AUC are computed (scikit-learn), plotted
+and logged. Outputs in ``results/<experiment>/likelihood/``: ``nelbo.h5`` (the scores above,
+``multiplicity``, ``labels``, class names), ``metrics.json`` (means per class, AUC) and ``roc.png``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +71,7 @@ import matplotlib
 import mlflow
 import numpy as np
 from omegaconf import DictConfig
+from scipy.special import gammaln, logsumexp
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
@@ -46,6 +85,27 @@ from .stage import PipelineError, atomic_output, atomic_path, stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def multiplicity_log_probability(multiplicity: np.ndarray, labels: np.ndarray, n_classes: int, n_max: int) -> np.ndarray:
+    """``[n_classes, n_max + 1]``: ``ln p(n | c)`` from the train split's jets (their ``multiplicity``
+    and class ``labels``), each class's histogram with add-one smoothing over ``n = 1 .. n_max``
+    (column ``n = 0`` counts empty jets, which preprocessed splits do not hold: ``-inf``)."""
+    counts = np.zeros((n_classes, n_max + 1))
+    np.add.at(counts, (labels, multiplicity), 1.0)
+    counts[:, 1:] += 1.0
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum(axis=1, keepdims=True))
+
+
+def jet_nll_nats(nelbo_bpd: np.ndarray, multiplicity: np.ndarray, particle_std: np.ndarray,
+                 log_p_multiplicity: np.ndarray) -> np.ndarray:
+    """``[n_jets, n_classes]``: the bound on ``-ln p(s, n | c)`` in nats per jet (module docstring),
+    from each jet's NELBO in bits per dimension given each class, ``nelbo_bpd[n_jets, n_classes]``."""
+    n = multiplicity[:, None].astype(np.float64)
+    nelbo_nats = nelbo_bpd * n * len(particle_std) * math.log(2.0)
+    to_physical_units = n * np.sum(np.log(particle_std.astype(np.float64)))  # -ln |dz/ds|
+    return nelbo_nats - gammaln(n + 1.0) + to_physical_units - log_p_multiplicity[:, multiplicity].T
 
 
 def nelbo_per_class(cfg: DictConfig, split: SetsSplit, n_classes: int, progress: bool) -> np.ndarray:
@@ -78,12 +138,12 @@ def plot_roc(false_positive_rate, true_positive_rate, auc: float, signal: list[s
     """Background rejection 1/FPR against signal efficiency, the way taggers are compared."""
     figure, axes = plt.subplots(figsize=(5, 4.5))
     keep = false_positive_rate > 0
-    axes.plot(true_positive_rate[keep], 1.0 / false_positive_rate[keep], label=f"NELBO, AUC = {auc:.3f}")
+    axes.plot(true_positive_rate[keep], 1.0 / false_positive_rate[keep], label=f"NLL per jet, AUC = {auc:.3f}")
     axes.plot(np.linspace(0.01, 1, 100), 1.0 / np.linspace(0.01, 1, 100), "k:", label="random")
     axes.set_yscale("log")
     axes.set_xlabel(f"signal efficiency ({', '.join(signal)} jets)")
     axes.set_ylabel(f"background rejection 1/ε ({', '.join(background)} jets)")
-    axes.set_title("Anomaly detection with the model's NELBO")
+    axes.set_title("Anomaly detection with the model's likelihood")
     axes.legend(frameon=False)
     axes.tick_params(direction="in", which="both", top=True, right=True)
     figure.tight_layout()
@@ -92,31 +152,56 @@ def plot_roc(false_positive_rate, true_positive_rate, auc: float, signal: list[s
 
 
 def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict[str, float]:
-    """Score ``likelihood.sets`` (default: the test split); write ``nelbo.h5`` and the ROC plot."""
+    """Score ``likelihood.sets`` (default: the test split); write ``nelbo.h5`` and the ROC plot.
+
+    Returns the metrics: ``nll_nats`` and ``nelbo_bpd`` (means over the jets of the model's
+    classes, given their class) and per class ``nll_nats.<class>`` and ``nelbo_bpd.<class>`` for
+    the model's classes, ``anomaly_score.<class>`` for every class of the file; ``anomaly_auc`` when
+    the file holds both classes the model was trained on and others.
+    """
     processed = Path(cfg.data.processed_dir)
     path = Path(cfg.likelihood.sets or processed / "test.h5")
     for needed in (path, processed / "train.h5", processed / "normalisation.json"):
         if not needed.is_file():
             raise PipelineError(f"{needed} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first or set likelihood.sets.")
-    model_classes = list(read_sets(processed / "train.h5")["class_names"])
+    train = read_sets(processed / "train.h5")
+    model_classes, n_max = list(train["class_names"]), train["mask"].shape[1]
     split = SetsSplit(path, processed / "normalisation.json", cfg.model.use_jet_context)
+    if split.multiplicity.min() < 1 or split.multiplicity.max() > n_max:
+        raise PipelineError(
+            f"{path} holds jets of {split.multiplicity.min()} to {split.multiplicity.max()} particles; the model's multiplicities "
+            f"are 1 to {n_max} (the train split's n_max): drop empty jets and keep at most {n_max} particles per jet "
+            f"(`python -m pipeline.preprocess data.n_max={n_max}` does both)."
+        )
     per_class = nelbo_per_class(cfg, split, len(model_classes), progress)
+    train_multiplicity = train["mask"].sum(axis=1)
+    log_p_multiplicity = multiplicity_log_probability(train_multiplicity, train["labels"], len(model_classes), n_max)
+    nll_per_class = jet_nll_nats(per_class, split.multiplicity, split.particle_std, log_p_multiplicity)
+    with np.errstate(divide="ignore"):
+        log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
+    anomaly_score = -logsumexp(log_class_fraction - nll_per_class, axis=1)
 
     own_class = np.array([model_classes.index(name) if name in model_classes else -1 for name in split.class_names])[split.labels]
     known = own_class >= 0
-    nelbo_bpd = np.full(len(split), np.nan)
+    nelbo_bpd, nll_nats = np.full(len(split), np.nan), np.full(len(split), np.nan)
     nelbo_bpd[known] = per_class[known, own_class[known]]
-    anomaly_score = per_class.min(axis=1)
+    nll_nats[known] = nll_per_class[known, own_class[known]]
     with atomic_path(output_dir / "nelbo.h5") as temporary, h5py.File(temporary, "w") as file:
-        file["nelbo_bpd"], file["anomaly_score"], file["labels"] = nelbo_bpd, anomaly_score, split.labels
-        file["nelbo_bpd_per_class"] = per_class
+        file["nll_nats"], file["nll_nats_per_class"], file["anomaly_score"] = nll_nats, nll_per_class, anomaly_score
+        file["nelbo_bpd"], file["nelbo_bpd_per_class"] = nelbo_bpd, per_class
+        file["multiplicity"], file["labels"] = split.multiplicity, split.labels
         file.attrs.update(class_names=split.class_names, model_class_names=model_classes, source=str(path))
 
-    metrics = {"nelbo_bpd": float(np.mean(nelbo_bpd[known])) if known.any() else float("nan")}
+    metrics = {name: float(np.mean(values[known])) if known.any() else float("nan")
+               for name, values in (("nll_nats", nll_nats), ("nelbo_bpd", nelbo_bpd))}
     for label, name in enumerate(split.class_names):
         of_class = split.labels == label
-        if of_class.any():
-            metrics[f"nelbo_bpd.{name}"] = float(np.mean(nelbo_bpd[of_class] if name in model_classes else anomaly_score[of_class]))
+        if not of_class.any():
+            continue
+        if name in model_classes:
+            metrics[f"nll_nats.{name}"] = float(np.mean(nll_nats[of_class]))
+            metrics[f"nelbo_bpd.{name}"] = float(np.mean(nelbo_bpd[of_class]))
+        metrics[f"anomaly_score.{name}"] = float(np.mean(anomaly_score[of_class]))
     signal_classes = [name for name in split.class_names if name not in model_classes]
     if signal_classes and known.any():
         is_signal = ~known
