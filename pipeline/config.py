@@ -236,7 +236,7 @@ class EvaluateConfig:
 
 @dataclass
 class LikelihoodConfig:
-    """Per-jet NELBO of a sets file under the trained model, and anomaly detection with it."""
+    """Per-jet negative log-likelihood bound (nats) of a sets file under the trained model, and anomaly detection with it."""
 
     sets: str | None = None  # the sets file to score; default: this dataset's test split
     n_samples: int = 16  # stratified diffusion times per jet in the NELBO estimate

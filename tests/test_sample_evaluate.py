@@ -1,8 +1,7 @@
-"""Sampling, evaluation and likelihood stages, run as a user runs them on a tiny trained model."""
+"""Sampling and evaluation stages, run as a user runs them on a tiny trained model."""
 
 import json
 
-import h5py
 import mlflow
 import numpy as np
 import pytest

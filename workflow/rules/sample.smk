@@ -66,7 +66,7 @@ rule evaluate:
 
 
 rule likelihood:
-    """Per-jet NELBO of the test split under the trained model; ROC/AUC for classes it was not trained on."""
+    """Per-jet negative log-likelihood bound (nats) of the test split under the trained model; ROC/AUC for classes it was not trained on."""
     input:
         checkpoint="results/{experiment}/train/checkpoint.json",
         data=training_data,
