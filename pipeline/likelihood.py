@@ -164,7 +164,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
     for needed in (path, processed / "train.h5", processed / "normalisation.json"):
         if not needed.is_file():
             raise PipelineError(f"{needed} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first or set likelihood.sets.")
-    train = read_sets(processed / "train.h5")
+    train = read_sets(processed / "train.h5", datasets=("mask", "labels"))  # not its particles
     model_classes, n_max = list(train["class_names"]), train["mask"].shape[1]
     split = SetsSplit(path, processed / "normalisation.json", cfg.model.use_jet_context)
     if split.multiplicity.min() < 1 or split.multiplicity.max() > n_max:

@@ -81,8 +81,9 @@ def write_sets(path, *, n_max: int, feature_names, jet_feature_names, class_name
         yield SetsWriter(file, n_max, len(feature_names), len(jet_feature_names))
 
 
-def read_sets(path) -> dict:
-    """Every dataset and attribute of a sets file, as numpy arrays and Python values.
+def read_sets(path, datasets=DATASETS) -> dict:
+    """The ``datasets`` (default: every one) and every attribute of a sets file, as numpy arrays and
+    Python values.
 
     Refuses a file that is not a sets file of this schema version, saying which.
     """
@@ -100,7 +101,7 @@ def read_sets(path) -> dict:
             raise PipelineError(
                 f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}; rerun the stage that makes it."
             )
-        sets = {name: file[name][...] for name in DATASETS}
+        sets = {name: file[name][...] for name in datasets}
         for name, value in file.attrs.items():
             sets[name] = [str(item) for item in value] if isinstance(value, np.ndarray) else value
     return sets
