@@ -418,10 +418,13 @@ def fpd(real_features, gen_features, *, min_jets: int = 20_000, max_jets: int = 
                 generated_batch.mean(axis=0), np.cov(generated_batch, rowvar=False),
             ))
         mean_distances.append(np.mean(distances))
-    (intercept, _), covariance = scipy.optimize.curve_fit(
-        lambda inverse_size, intercept, slope: intercept + slope * inverse_size,
-        1 / batch_sizes, mean_distances, bounds=([0, 0], [np.inf, np.inf]),
-    )
+    design = np.stack([np.ones(len(batch_sizes)), 1 / np.asarray(batch_sizes, np.float64)], axis=1)
+    mean_distances = np.asarray(mean_distances, np.float64)
+    # Non-negative linear least squares: exact at any scale (an iterative fit started at 1 stays
+    # there when the distances are ~1e20, and would report an FPD of 1).
+    (intercept, slope), _ = scipy.optimize.nnls(design, mean_distances)
+    residual_variance = np.sum(np.square(mean_distances - design @ [intercept, slope])) / max(len(batch_sizes) - 2, 1)
+    covariance = residual_variance * np.linalg.pinv(design.T @ design)
     return float(intercept), float(np.sqrt(covariance[0, 0]))
 
 
@@ -528,3 +531,23 @@ def cov_mmd(real_particles, real_mask, gen_particles, gen_mask, *, n_per_batch: 
     ])
     (cov, mmd), (cov_std, mmd_std) = scores.mean(axis=0), scores.std(axis=0)
     return {"cov": float(cov), "cov_std": float(cov_std), "mmd": float(mmd), "mmd_std": float(mmd_std)}
+
+
+# Physicality checks of generated jets. The constituents of an anti-kT R = 0.8 jet lie within about
+# R of its axis (a little beyond once the axis is the sum of the kept particles), and the momentum
+# fractions of the hardest ones add up to at most ~1 (to 1 exactly, in pT, for all of them).
+FAR_PARTICLE_DELTA_R = 1.0
+PT_REL_SUM_LIMIT = 1.05
+
+
+def unphysical_fractions(particles, mask) -> dict[str, float]:
+    """``far_particles``: the fraction of real particles farther than ``FAR_PARTICLE_DELTA_R`` from the
+    jet axis (``delta_r`` of (eta_rel, phi_rel), phi wrapped); ``pt_rel_sum_over``: the fraction of
+    jets whose momentum fractions add up to more than ``PT_REL_SUM_LIMIT``. Real jets score ~0 on both."""
+    particles, mask = _checked_sample(particles, mask, "sample")
+    distance = delta_r(particles[..., 0], particles[..., 1], 0.0, 0.0)
+    pt_rel_sum = np.sum(np.where(mask, particles[..., 2], 0.0), axis=1)
+    return {
+        "far_particles": float(np.sum((distance > FAR_PARTICLE_DELTA_R) & mask) / max(int(mask.sum()), 1)),
+        "pt_rel_sum_over": float(np.mean(pt_rel_sum > PT_REL_SUM_LIMIT)),
+    }

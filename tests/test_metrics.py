@@ -294,6 +294,17 @@ def test_fpd_of_shifted_gaussians_approaches_the_analytic_distance():
     assert error < 0.1 * analytic
 
 
+def test_fpd_of_samples_far_apart_is_huge_not_clamped():
+    """A shift of 1e6 real maxima gives a Frechet distance of ~3e12: the extrapolation must report
+    it (a fit started near 1 once stayed there and reported 1.0 for jets with exploding features)."""
+    rng = np.random.default_rng(22)
+    real, generated = rng.normal(size=(2_000, 3)), rng.normal(size=(2_000, 3))
+    generated += 1e6 * np.abs(real).max(axis=0)
+    value, error = fpd(real, generated, min_jets=500, max_jets=1_500, n_points=4, n_batches=3, rng=rng)
+    assert value == pytest.approx(3e12, rel=1e-3)
+    assert error < 1e-3 * value
+
+
 def test_fpd_batch_sizes_are_the_configured_ones_or_scaled_down_to_the_smaller_sample():
     configured = fpd_batch_sizes(60_000, 80_000, min_jets=20_000, max_jets=50_000, n_points=10)
     np.testing.assert_array_equal(configured, np.rint(1 / np.linspace(1 / 20_000, 1 / 50_000, 10)))
@@ -454,3 +465,18 @@ def test_bootstrap_w1_equals_scipys_w1_of_the_drawn_jets():
     np.testing.assert_allclose(stds, np.std(expected_w1p, axis=0), rtol=1e-9)
     mean, std = w1m(real, real_mask, generated, generated_mask, n_batches, n_per_batch, rng)
     assert mean == pytest.approx(np.mean(expected_w1m), rel=1e-12) and std == pytest.approx(np.std(expected_w1m), rel=1e-9)
+
+
+def test_unphysical_fractions_count_particles_out_of_reach_and_jets_with_too_much_momentum():
+    """Two jets of three particles: one particle at Delta R = hypot(0.9, 0.6) > 1 (its phi given as
+    0.6 + 2 pi, which wraps back to 0.6), and a jet whose pt_rel add up to 1.2."""
+    particles = np.array([
+        [[0.1, 0.1, 0.5], [0.9, 0.6 + 2 * np.pi, 0.3], [-0.2, 0.3, 0.1]],
+        [[0.0, 0.2, 0.7], [0.5, -0.5, 0.4], [0.3, 0.0, 0.1]],
+    ])
+    mask = np.ones((2, 3), bool)
+    fractions = pipeline.metrics.unphysical_fractions(particles, mask)
+    assert fractions["far_particles"] == pytest.approx(1 / 6)
+    assert fractions["pt_rel_sum_over"] == pytest.approx(1 / 2)
+    mask[0, 1] = mask[1, 1] = False  # the far particle and the excess momentum are padding now
+    assert pipeline.metrics.unphysical_fractions(particles, mask) == {"far_particles": 0.0, "pt_rel_sum_over": 0.0}
