@@ -30,7 +30,13 @@ Outputs in ``results/<experiment>/evaluate/``: ``metrics.json``, a flat dict wit
 ``cov``, ``cov_std``         coverage with the EMD between jets (1 is ideal)
 ``mmd``, ``mmd_std``         minimum matching EMD (in units of pT_jet)
 ``n_reference``, ``n_other`` jets of each side in the group
+``far_particles``            the other side's fraction of particles beyond Delta R 1.0 of the axis
+``pt_rel_sum_over``          the other side's fraction of jets whose pt_rel add up past 1.05
 =========================== ===============================================================
+
+The last two count what the distances do not show one by one: generated particles outside the
+jet's reach, and jets with more momentum than the jet (``metrics.unphysical_fractions``); real jets
+score ~0 on both, and the truth row says how close to 0.
 
 plus ``metrics.md`` and ``metrics.tsv`` (the table in the units papers quote; ``metrics.md`` also
 says how each metric drew its batches and which FPD batch sizes each row used) and ``plots/``
@@ -72,8 +78,10 @@ TABLE_COLUMNS = (
     ("KPD ×10³", "kpd", 1e3),
     ("COV", "cov", 1.0),
     ("MMD ×10³", "mmd", 1e3),
+    ("ΔR > 1 %", "far_particles", 1e2),
+    ("Σpt_rel > 1.05 %", "pt_rel_sum_over", 1e2),
 )
-UNCERTAINTY = {"fpd": "fpd_err", "kpd": "kpd_err"}  # the others: "<metric>_std"
+UNCERTAINTY = {"fpd": "fpd_err", "kpd": "kpd_err", "far_particles": None, "pt_rel_sum_over": None}  # the others: "<metric>_std"
 COMPARISON_TITLES = {"sample": "model vs test", "truth": "train vs test (truth)"}
 
 
@@ -143,6 +151,7 @@ def compare(reference: dict, other: dict, reference_efps: np.ndarray, other_efps
     coverage = jet_metrics.cov_mmd(*real, *generated, n_per_batch=settings.cov_mmd_jets, n_batches=settings.cov_mmd_batches,
                                    rng=rng, n_jobs=settings.emd_jobs)
     values.update(coverage)
+    values.update(jet_metrics.unphysical_fractions(*generated))
     return {name: float(value) for name, value in values.items()}
 
 
@@ -191,7 +200,10 @@ def table_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
         cells = [COMPARISON_TITLES[comparison], group]
         for _, metric, scale in TABLE_COLUMNS:
             value, error = metrics.get(f"{row}.{metric}"), metrics.get(f"{row}.{UNCERTAINTY.get(metric, metric + '_std')}")
-            cells.append("" if value is None else f"{value * scale:.3g} ± {error * scale:.2g}")
+            if value is None:
+                cells.append("")
+            else:
+                cells.append(f"{value * scale:.3g}" if error is None else f"{value * scale:.3g} ± {error * scale:.2g}")
         rows.append(cells)
     return header, rows
 
