@@ -9,37 +9,42 @@ A generic library: it knows nothing of jets, files, MLflow or Hydra. The whole p
     bits_per_dim = nelbo(model, params, rng, x, mask, labels, n_samples=16)
 
 References: Kingma et al. 2021, "Variational Diffusion Models", arXiv:2107.00630.
+
+Submodules are imported on first use (PEP 562), so ``setdiff.constants`` can be read without
+loading JAX (the workflow reads it every time Snakemake parses the rules).
 """
 
-from .networks import ElementwiseResidualMLP, ScoreNet
-from .sampling import SAMPLERS, sample
-from .schedules import (
-    SCHEDULES,
-    FixedLinearSchedule,
-    LearnedLinearSchedule,
-    make_schedule,
-)
-from .training import TrainState, create_train_state, fit, init_params, learning_rate_schedule, make_optimizer, train_step
-from .vdm import VDM, ELBOTerms, nelbo, vdm_loss
+import importlib
 
-__all__ = [
-    "VDM",
-    "ELBOTerms",
-    "ScoreNet",
-    "ElementwiseResidualMLP",
-    "FixedLinearSchedule",
-    "LearnedLinearSchedule",
-    "SCHEDULES",
-    "SAMPLERS",
-    "make_schedule",
-    "vdm_loss",
-    "nelbo",
-    "sample",
-    "TrainState",
-    "init_params",
-    "create_train_state",
-    "learning_rate_schedule",
-    "make_optimizer",
-    "train_step",
-    "fit",
-]
+_EXPORTS = {
+    "VDM": "vdm",
+    "ELBOTerms": "vdm",
+    "vdm_loss": "vdm",
+    "nelbo": "vdm",
+    "ScoreNet": "networks",
+    "ElementwiseResidualMLP": "networks",
+    "FixedLinearSchedule": "schedules",
+    "LearnedLinearSchedule": "schedules",
+    "SCHEDULES": "schedules",
+    "make_schedule": "schedules",
+    "SAMPLERS": "sampling",
+    "sample": "sampling",
+    "TrainState": "training",
+    "init_params": "training",
+    "create_train_state": "training",
+    "learning_rate_schedule": "training",
+    "make_optimizer": "training",
+    "train_step": "training",
+    "fit": "training",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(__all__)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-# VDM's defaults for continuous data: log-SNR from +13.3 (almost clean) down to -5 (almost pure noise).
-GAMMA_MIN = -13.3
-GAMMA_MAX = 5.0
+from .constants import GAMMA_MAX, GAMMA_MIN
 
 
 class FixedLinearSchedule(nn.Module):
