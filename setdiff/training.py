@@ -44,9 +44,16 @@ def make_optimizer(
     grad_clip: float = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW (Loshchilov & Hutter, arXiv:1711.05101) on :func:`learning_rate_schedule`, after
-    clipping the global gradient norm to ``grad_clip``."""
+    clipping the global gradient norm to ``grad_clip``. Weight decay acts on the weight matrices
+    (kernels, embeddings) only, not on biases, LayerNorm scales or the noise schedule's endpoints
+    (:func:`decays`), as in VDM's reference code."""
     schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay, mask=decays))
+
+
+def decays(params):
+    """Which parameters weight decay shrinks: those with at least two axes (weight matrices)."""
+    return jax.tree.map(lambda parameter: jnp.ndim(parameter) >= 2, params)
 
 
 def init_params(model: VDM, rng, batch: dict):
