@@ -17,7 +17,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from setdiff.schedules import GAMMA_MAX, GAMMA_MIN
+from setdiff.constants import GAMMA_MAX, GAMMA_MIN
 
 # The particle features of the sets file, in order (see pipeline/sets.py, the sets file's layout).
 PARTICLE_FEATURES = ["eta_rel", "phi_rel", "pt_rel"]
@@ -68,6 +68,27 @@ class Schedule(Enum):
 
     fixed_linear = "fixed_linear"
     learned_linear = "learned_linear"
+
+
+class Parameterization(Enum):
+    """What the score network predicts (``setdiff.vdm.PARAMETERIZATIONS``)."""
+
+    eps = "eps"  # the noise
+    v = "v"  # v = alpha eps - sigma x: EDM's preconditioning for unit-variance data
+
+
+class Conditioning(Enum):
+    """How the transformer blocks take time, size and class (``setdiff.networks.CONDITIONINGS``)."""
+
+    additive = "additive"  # one vector added to every element before each block
+    adaln = "adaln"  # DiT's adaLN-Zero: scale, shift and gate of each block's branches
+
+
+class LossWeighting(Enum):
+    """How the diffusion term of the training loss weighs the noise levels (``setdiff.vdm.LOSS_WEIGHTINGS``)."""
+
+    elbo = "elbo"  # the negative ELBO itself
+    sigmoid = "sigmoid"  # sigmoid(b - log SNR), Kingma & Gao 2023
 
 
 class Sampler(Enum):
@@ -172,6 +193,11 @@ class ModelConfig:
     timesteps: int = 0  # 0: continuous-time bound; T > 0: discrete-time bound with T steps
     cond_drop_prob: float = 0.1  # classifier-free guidance dropout of the class / context
     latent_dim: int = 0  # 0: diffuse the features; >0: latent diffusion with this width
+    conditioning: Conditioning = Conditioning.adaln  # fidelity benchmark: better W1P, FPD, KPD, COV (benchmarks/README.md)
+    parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)
+    loss_weighting: LossWeighting = LossWeighting.elbo  # the ELBO is logged and validated either way
+    sigmoid_bias: float = 0.0  # b of the sigmoid weighting
+    log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
     bfloat16: bool = False  # bfloat16 compute, float32 parameters
 

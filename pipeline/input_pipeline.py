@@ -44,19 +44,40 @@ def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
 
 
 class SetsSplit:
-    """One split of a processed dataset, normalised for the model, in host memory."""
+    """One split of a processed dataset, normalised for the model, in host memory.
 
-    def __init__(self, path: Path, normalisation_path: Path, use_context: bool):
+    The model sees every particle feature standardised with the train split's statistics,
+    ``x = (f - mean) / std``, where ``f`` is the feature itself or, with ``log_pt_rel``, ``log(pt_rel)``
+    in place of ``pt_rel`` (its statistics are ``normalisation.json``'s ``log_particles``): the
+    momentum fractions span three decades, and a model of their logarithm can only generate
+    positive ones. Padding stays exactly zero.
+    """
+
+    def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool = False):
         sets = read_sets(path)
         normalisation = json.loads(Path(normalisation_path).read_text())
         self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
-        mean = np.array([normalisation["particles"][name]["mean"] for name in self.feature_names], np.float32)
-        std = np.array([normalisation["particles"][name]["std"] for name in self.feature_names], np.float32)
+        self.mask = sets["mask"]
+        particles = sets["particles"]
+        statistics = [normalisation["particles"][name] for name in self.feature_names]
+        self.log_column = self.feature_names.index("pt_rel") if log_pt_rel else None
+        if log_pt_rel:
+            if "log_particles" not in normalisation:
+                raise PipelineError(f"{normalisation_path} has no statistics of log(pt_rel), which model.log_pt_rel needs; "
+                                    "preprocess the dataset again.")
+            pt_rel = particles[..., self.log_column]
+            if (pt_rel[self.mask] <= 0).any():
+                raise PipelineError(f"{path} holds particles with pt_rel <= 0, whose logarithm model.log_pt_rel cannot take; "
+                                    "drop them or train with model.log_pt_rel=false.")
+            particles = particles.copy()
+            particles[..., self.log_column] = np.log(np.where(self.mask, pt_rel, 1.0))
+            statistics[self.log_column] = normalisation["log_particles"]["pt_rel"]
+        mean = np.array([entry["mean"] for entry in statistics], np.float32)
+        std = np.array([entry["std"] for entry in statistics], np.float32)
         if not (std > 0).all():
             raise PipelineError(f"{normalisation_path} has a zero standard deviation; the train split is degenerate, preprocess more jets.")
-        self.particle_mean, self.particle_std = mean, std  # x = (particles - mean) / std on real elements
-        self.mask = sets["mask"]
-        self.x = ((sets["particles"] - mean) / std * self.mask[..., None]).astype(np.float32)
+        self.particle_mean, self.particle_std = mean, std  # x = (features - mean) / std on real elements
+        self.x = ((particles - mean) / std * self.mask[..., None]).astype(np.float32)
         self.labels = sets["labels"].astype(np.int32)
         self.multiplicity = self.mask.sum(axis=1)
         self.context = None
@@ -70,6 +91,24 @@ class SetsSplit:
             jet_mean = np.array([normalisation["jets"][name]["mean"] for name in jet_names], np.float32)
             jet_std = np.array([normalisation["jets"][name]["std"] for name in jet_names], np.float32)
             self.context = ((sets["jets"] - jet_mean) / np.where(jet_std > 0, jet_std, 1.0)).astype(np.float32)
+
+    def to_physical(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The particle features of the model's ``x[jets, n, d]`` (the inverse of the normalisation),
+        zero on padding."""
+        features = np.where(mask[..., None], x * self.particle_std + self.particle_mean, 0.0)
+        if self.log_column is not None:
+            features[..., self.log_column] = np.where(mask, np.exp(features[..., self.log_column]), 0.0)
+        return features
+
+    def log_jacobian(self) -> np.ndarray:
+        """``ln |d features / dx|`` of every jet of this split, summed over its real particles: what
+        turns a density of the model's ``x`` into one of the particle features (``n sum ln std``,
+        plus ``sum ln pt_rel`` with ``log_pt_rel``, since ``pt_rel = exp(std x + mean)``)."""
+        per_jet = self.multiplicity * np.sum(np.log(self.particle_std.astype(np.float64)))
+        if self.log_column is not None:
+            log_pt_rel = self.x[..., self.log_column].astype(np.float64) * self.particle_std[self.log_column] + self.particle_mean[self.log_column]
+            per_jet = per_jet + np.sum(np.where(self.mask, log_pt_rel, 0.0), axis=1)
+        return per_jet
 
     def __len__(self) -> int:
         return len(self.labels)

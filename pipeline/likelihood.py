@@ -35,7 +35,10 @@ log-likelihood of a jet with its multiplicity, in nats per jet, is then bounded 
     -ln p(s, n | c) = -ln q(z | n, c) - ln n! + n sum_f ln sigma_f - ln p(n | c)
                    <= NELBO_nats(z | n, c) - ln n! + n sum_f ln sigma_f - ln p(n | c).
 
-The three terms after the NELBO depend on ``n`` only; a per-dimension NELBO leaves them out and so
+With ``model.log_pt_rel`` the model's coordinate is ``(ln pt_rel - mu) / sigma`` instead, whose Jacobian
+has a further factor ``prod_i 1 / pt_rel_i``: ``sum_i ln pt_rel_i`` joins ``n sum_f ln sigma_f`` (both are
+``SetsSplit.log_jacobian``). The three terms after the NELBO depend on ``n`` only (and, with
+``log_pt_rel``, on the jet's momentum fractions); a per-dimension NELBO leaves them out and so
 does not compare jets of different multiplicities (nor, through ``sigma``, models trained with
 different normalisations).
 
@@ -98,14 +101,14 @@ def multiplicity_log_probability(multiplicity: np.ndarray, labels: np.ndarray, n
         return np.log(counts / counts.sum(axis=1, keepdims=True))
 
 
-def jet_nll_nats(nelbo_bpd: np.ndarray, multiplicity: np.ndarray, particle_std: np.ndarray,
+def jet_nll_nats(nelbo_bpd: np.ndarray, multiplicity: np.ndarray, n_features: int, log_jacobian: np.ndarray,
                  log_p_multiplicity: np.ndarray) -> np.ndarray:
     """``[n_jets, n_classes]``: the bound on ``-ln p(s, n | c)`` in nats per jet (module docstring),
-    from each jet's NELBO in bits per dimension given each class, ``nelbo_bpd[n_jets, n_classes]``."""
+    from each jet's NELBO in bits per dimension given each class, ``nelbo_bpd[n_jets, n_classes]``,
+    and ``log_jacobian[n_jets]`` = ``ln |ds/dz|`` of each jet (``SetsSplit.log_jacobian``)."""
     n = multiplicity[:, None].astype(np.float64)
-    nelbo_nats = nelbo_bpd * n * len(particle_std) * math.log(2.0)
-    to_physical_units = n * np.sum(np.log(particle_std.astype(np.float64)))  # -ln |dz/ds|
-    return nelbo_nats - gammaln(n + 1.0) + to_physical_units - log_p_multiplicity[:, multiplicity].T
+    nelbo_nats = nelbo_bpd * n * n_features * math.log(2.0)
+    return nelbo_nats - gammaln(n + 1.0) + log_jacobian[:, None] - log_p_multiplicity[:, multiplicity].T
 
 
 def nelbo_per_class(cfg: DictConfig, split: SetsSplit, n_classes: int, progress: bool) -> np.ndarray:
@@ -166,7 +169,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
             raise PipelineError(f"{needed} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first or set likelihood.sets.")
     train = read_sets(processed / "train.h5", datasets=("mask", "labels"))  # not its particles
     model_classes, n_max = list(train["class_names"]), train["mask"].shape[1]
-    split = SetsSplit(path, processed / "normalisation.json", cfg.model.use_jet_context)
+    split = SetsSplit(path, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
     if split.multiplicity.min() < 1 or split.multiplicity.max() > n_max:
         raise PipelineError(
             f"{path} holds jets of {split.multiplicity.min()} to {split.multiplicity.max()} particles; the model's multiplicities "
@@ -176,7 +179,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
     per_class = nelbo_per_class(cfg, split, len(model_classes), progress)
     train_multiplicity = train["mask"].sum(axis=1)
     log_p_multiplicity = multiplicity_log_probability(train_multiplicity, train["labels"], len(model_classes), n_max)
-    nll_per_class = jet_nll_nats(per_class, split.multiplicity, split.particle_std, log_p_multiplicity)
+    nll_per_class = jet_nll_nats(per_class, split.multiplicity, split.x.shape[-1], split.log_jacobian(), log_p_multiplicity)
     with np.errstate(divide="ignore"):
         log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
     anomaly_score = -logsumexp(log_class_fraction - nll_per_class, axis=1)

@@ -18,6 +18,7 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         mlp_ratio=model.mlp_ratio,
         n_classes=n_classes,
         n_inducing=model.n_inducing,
+        conditioning=model.conditioning.value,
         dtype=jnp.bfloat16 if model.bfloat16 else jnp.float32,
     )
     return VDM(
@@ -27,4 +28,7 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         timesteps=model.timesteps,
         cond_drop_prob=model.cond_drop_prob,
         latent_dim=model.latent_dim,
+        parameterization=model.parameterization.value,
+        loss_weighting=model.loss_weighting.value,
+        sigmoid_bias=model.sigmoid_bias,
     )

@@ -14,7 +14,8 @@
    rows are zero padding with ``mask`` False. ``n_particles`` is the number kept.
 4. Each jet goes to train, val or test: within every chunk a seeded permutation deals out
    exactly the configured fractions (cumulative rounding, so the totals over all chunks are exact).
-5. Normalisation statistics (mean, std) come from the train split only, over valid particles.
+5. Normalisation statistics (mean, std) come from the train split only, over valid particles:
+   of every feature (``particles``) and of ``log(pt_rel)`` (``log_particles``).
 
 Inputs are streamed in chunks of ``data.chunk_jets`` jets; for sources with one file per class
 every chunk takes a proportional slice of every file, so classes are mixed throughout. Each output
@@ -488,6 +489,7 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
     sources = [{"file": path.name, "sha256": sha256(path), "jets": reader.n_jets(path)} for path in paths]
     particle_moments = RunningMoments(list(data.feature_names))
     jet_moments = RunningMoments(list(data.jet_feature_names))
+    log_moments = RunningMoments(["pt_rel"])  # of log(pt_rel), for model.log_pt_rel
     counts = dict.fromkeys(["jets_read", *(f"jets_{split}" for split in SPLITS), *(f"dropped_{reason}" for reason in DROP_REASONS)], 0)
     start = time.perf_counter()
     with ExitStack() as files:
@@ -520,13 +522,16 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
                 counts[f"jets_{split}"] += len(rows)
                 if split == "train":
                     particle_moments.add(split_arrays["particles"], int(split_arrays["mask"].sum()))  # padding is 0
+                    pt_rel = split_arrays["particles"][..., data.feature_names.index("pt_rel")]
+                    positive = split_arrays["mask"] & (pt_rel > 0)
+                    log_moments.add(np.log(np.where(positive, pt_rel, 1.0))[..., None], int(positive.sum()))
                     jet_moments.add(split_arrays["jets"], len(rows))
             bar.update(n_read)
         if counts["jets_train"] == 0:
             raise PipelineError(f"no usable jets in {data.raw_dir} for classes {list(data.class_names)}; check data.class_names and data.labels.")
         for writer in writers.values():
             writer.attrs.update({f"dropped_{reason}": counts[f"dropped_{reason}"] for reason in DROP_REASONS})
-        normalisation = {"particles": particle_moments.summary(), "jets": jet_moments.summary(),
+        normalisation = {"particles": particle_moments.summary(), "log_particles": log_moments.summary(), "jets": jet_moments.summary(),
                          "n_train_particles": particle_moments.count, "n_train_jets": jet_moments.count}
     # Written once the three sets are in place: closing them flushes most of their bytes, the step
     # likeliest to fail, and the statistics must not describe sets that never arrived.

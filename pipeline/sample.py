@@ -11,9 +11,10 @@ the class one for one (``sample.masks=test``, as several papers do).
 
 Jets are sorted by multiplicity and sampled in batches cut to their largest multiplicity (rounded up
 to a bucket of ``pipeline.input_pipeline.bucket_sizes``), with ``jax.pmap`` over every local device.
-The model's output is un-normalised with the train split's statistics; a negative ``pt_rel`` (the
-model's tails cross zero) is set to 0 and counted (``negative_pt_rel_fraction`` in MLflow and the
-file's attributes), since every jet observable assumes non-negative momenta. Particles are sorted by
+The model's output is un-normalised with the train split's statistics (``SetsSplit.to_physical``,
+which also undoes ``model.log_pt_rel``); a negative ``pt_rel`` (the model's tails cross zero, which
+cannot happen with ``log_pt_rel``) is set to 0 and counted (``negative_pt_rel_fraction`` in MLflow and
+the file's attributes), since every jet observable assumes non-negative momenta. Particles are sorted by
 decreasing ``pt_rel``, padded rows are zero.
 
 Output: ``results/<experiment>/sample/samples.h5``, a sets file whose ``jets`` hold the generated
@@ -67,8 +68,9 @@ def template_rows(split: SetsSplit, n_per_class: int, source: MaskSource, rng: n
 
 def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names: list[str]) -> tuple[np.ndarray, int]:
     """Un-normalise the model's output, clip negative ``pt_rel`` to 0 and sort particles by decreasing
-    ``pt_rel`` (padded rows last, zero). Returns the particles and how many ``pt_rel`` were clipped."""
-    particles = np.where(mask[..., None], x * split.particle_std + split.particle_mean, 0.0)
+    ``pt_rel`` (padded rows last, zero). Returns the particles and how many ``pt_rel`` were clipped
+    (none with ``model.log_pt_rel``, whose ``pt_rel`` are positive by construction)."""
+    particles = split.to_physical(x, mask)
     pt_rel = particles[..., feature_names.index("pt_rel")]
     negative = (pt_rel < 0) & mask
     pt_rel[negative] = 0.0
@@ -96,6 +98,10 @@ def trained_model(cfg: DictConfig, data_dim: int, n_classes: int):
     if not path or not Path(path).exists():
         raise PipelineError(f"{summary_path} names no existing checkpoint ({path}); train the model again.")
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(train_dir / "config.yaml").model)
+    for key in ("log_pt_rel", "use_jet_context"):  # they decide how the data is read, before the model is
+        if model_cfg[key] != cfg.model[key]:
+            raise PipelineError(f"the model in {train_dir} was trained with model.{key}={model_cfg[key]}, not {cfg.model[key]}; "
+                                f"run with model.{key}={model_cfg[key]}.")
     model = build_vdm(model_cfg, data_dim=data_dim, n_classes=n_classes)
     return model, load_checkpoint(path)["ema_params"], path
 
@@ -107,7 +113,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     for name in (f"{template_split}.h5", "normalisation.json"):
         if not (processed / name).is_file():
             raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
-    split = SetsSplit(processed / f"{template_split}.h5", processed / "normalisation.json", cfg.model.use_jet_context)
+    split = SetsSplit(processed / f"{template_split}.h5", processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
     if split.feature_names != PARTICLE_FEATURES:
         raise PipelineError(f"{processed} holds features {split.feature_names}; sampling writes {PARTICLE_FEATURES}, preprocess again.")
     model, params, checkpoint = trained_model(cfg, split.x.shape[-1], len(split.class_names))

@@ -234,8 +234,8 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
         if not (processed / name).is_file():
             raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
     use_context = cfg.model.use_jet_context
-    train_split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context)
-    val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context)
+    train_split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel)
+    val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel)
     batches = TrainBatches(train_split, cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(),
                            jax.process_count(), cfg.train.padding_aware, cfg.train.multiplicity_window)
     model = build_vdm(cfg.model, data_dim=train_split.x.shape[-1], n_classes=len(train_split.class_names))

@@ -7,7 +7,8 @@ element ever attends to padding, so padded values cannot change a real element's
 
 Blocks are pre-LayerNorm (Xiong et al. 2020, arXiv:2002.04745). Conditioning (time, the set's
 size, optional class, optional continuous context) is summed into one vector that is added to every
-element at the input and at the start of every block. The size must be given explicitly: softmax
+element at the start of every block, or, with ``conditioning="adaln"``, sets the scale, shift and
+gate of every block's LayerNorms and branches (DiT's adaLN-Zero). The size must be given explicitly: softmax
 attention averages, so without it a set and the same set with every element duplicated would get
 the same output, while the scale of a feature such as a particle's momentum fraction depends
 strongly on how many particles share the jet. The output layer starts at zero, so the untrained model predicts
@@ -29,6 +30,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+CONDITIONINGS = ("additive", "adaln")
 
 
 def sinusoidal_embedding(position, dim: int, max_period: float = 10_000.0):
@@ -90,7 +93,14 @@ class FeedForward(nn.Module):
 
 
 class SetAttentionBlock(nn.Module):
-    """Pre-LN transformer block: ``h += Attn(LN(h)); h += MLP(LN(h))``.
+    """Pre-LN transformer block: ``h += Attn(LN(h)); h += MLP(LN(h))``, conditioned on ``cond[batch, c]``.
+
+    ``conditioning="additive"`` adds ``Dense(cond)`` to every element before the block.
+    ``conditioning="adaln"`` is DiT's adaLN-Zero (Peebles & Xie 2023, arXiv:2212.09748, sec. 3.2):
+    ``cond`` sets a shift and a scale of each LayerNorm's output and a gate of each residual branch,
+    ``h += gate * Attn(LN(h) * (1 + scale) + shift)``; the gates start at zero, so every block starts
+    as the identity and the conditioning (time, size, class) acts on every feature of every element
+    multiplicatively, not only as one added vector.
 
     With ``n_inducing > 0`` the self-attention is replaced by induced set attention (ISAB):
     ``m`` learned inducing points attend to the real elements, then the elements attend to those
@@ -100,13 +110,22 @@ class SetAttentionBlock(nn.Module):
     n_heads: int
     mlp_hidden: int
     n_inducing: int = 0
+    conditioning: str = "additive"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, mask, cond):
         width = h.shape[-1]
-        h = h + nn.Dense(width, dtype=self.dtype, name="cond")(cond)[:, None, :]
-        x = rowwise(nn.LayerNorm(dtype=self.dtype), h)
+        adaptive = self.conditioning == "adaln"
+        if adaptive:
+            modulation = nn.Dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="adaln")(cond)
+            shift_1, scale_1, gate_1, shift_2, scale_2, gate_2 = (part[:, None, :] for part in jnp.split(modulation, 6, axis=-1))
+            modulate = lambda x, shift, scale: x * (1 + scale) + shift  # noqa: E731
+        else:
+            h = h + nn.Dense(width, dtype=self.dtype, name="cond")(cond)[:, None, :]
+        x = rowwise(nn.LayerNorm(dtype=self.dtype, use_scale=not adaptive, use_bias=not adaptive), h)
+        if adaptive:
+            x = modulate(x, shift_1, scale_1)
         if self.n_inducing:
             inducing = self.param("inducing", nn.initializers.normal(1.0), (self.n_inducing, width))
             inducing = jnp.broadcast_to(inducing, (h.shape[0],) + inducing.shape).astype(x.dtype)
@@ -114,9 +133,13 @@ class SetAttentionBlock(nn.Module):
             attended = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="attend")(x, summary)
         else:
             attended = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="self_attention")(x, x, mask)
-        h = h + attended
-        feed_forward = nn.Sequential([nn.LayerNorm(dtype=self.dtype), FeedForward(self.mlp_hidden, dtype=self.dtype)])
-        return h + rowwise(feed_forward, h)
+        if not adaptive:
+            h = h + attended
+            feed_forward = nn.Sequential([nn.LayerNorm(dtype=self.dtype), FeedForward(self.mlp_hidden, dtype=self.dtype)])
+            return h + rowwise(feed_forward, h)
+        h = h + gate_1 * attended
+        x = modulate(rowwise(nn.LayerNorm(dtype=self.dtype, use_scale=False, use_bias=False), h), shift_2, scale_2)
+        return h + gate_2 * rowwise(FeedForward(self.mlp_hidden, dtype=self.dtype), x)
 
 
 class ElementwiseResidualMLP(nn.Module):
@@ -147,6 +170,8 @@ class ScoreNet(nn.Module):
       n_classes: number of classes for an integer class label; 0 means unconditional. Index
         ``n_classes`` is the learned "no class" embedding used by classifier-free guidance.
       n_inducing: 0 for full self-attention, else the number of ISAB inducing points.
+      conditioning: how the blocks take the conditioning vector, ``"additive"`` or ``"adaln"``
+        (see ``SetAttentionBlock``).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
 
@@ -156,6 +181,7 @@ class ScoreNet(nn.Module):
     mlp_ratio: int = 4
     n_classes: int = 0
     n_inducing: int = 0
+    conditioning: str = "additive"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -175,6 +201,8 @@ class ScoreNet(nn.Module):
         Returns:
           ``[batch, n, d]`` predicted noise, exactly zero on padded elements.
         """
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}: choose one of {CONDITIONINGS}")
         batch = z.shape[0]
         if cond_keep is None:
             cond_keep = jnp.ones((batch,), bool)
@@ -195,7 +223,7 @@ class ScoreNet(nn.Module):
         h = rowwise(nn.Dense(self.d_model, dtype=self.dtype, name="embed"), z.astype(self.dtype))
         for i in range(self.n_layers):
             h = SetAttentionBlock(
-                self.n_heads, self.mlp_ratio * self.d_model, self.n_inducing, dtype=self.dtype, name=f"block_{i}"
+                self.n_heads, self.mlp_ratio * self.d_model, self.n_inducing, self.conditioning, dtype=self.dtype, name=f"block_{i}"
             )(h, mask, cond)
         h = rowwise(nn.LayerNorm(dtype=self.dtype), h)
         eps_hat = rowwise(nn.Dense(z.shape[-1], kernel_init=nn.initializers.zeros, name="output"), h)

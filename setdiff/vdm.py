@@ -17,6 +17,21 @@ With latent diffusion an element-wise encoder maps ``x`` to the diffused latent 
 ``z_0 / alpha_0`` back, with a learned per-feature scale. Padded elements contribute nothing to any
 term, and the score network never lets them touch a real element. Times are drawn with VDM's
 antithetic ("low-discrepancy") sampler, ``t_b = (u + b / B) mod 1`` over the batch (VDM appendix I.1).
+
+Two choices change what the network is trained on without changing the bound that is reported:
+
+* ``parameterization="v"``: the network predicts ``v = alpha_t eps - sigma_t x`` (Salimans & Ho 2022,
+  arXiv:2202.00512) and ``eps_hat = sigma_t z_t + alpha_t v_hat``. For data of unit variance this is
+  the preconditioning of EDM (Karras et al. 2022, arXiv:2206.00364, table 1, with
+  ``sigma_data = 1``): near pure noise the prediction of ``eps`` starts from ``z_t`` itself and the
+  network's error is not amplified by ``1 / alpha_t`` in ``x_hat``, as it is with ``"eps"``.
+* ``loss_weighting="sigmoid"``: the diffusion term is weighted by ``w(lambda) = sigmoid(b - lambda)``
+  with ``lambda = -gamma(t)`` the log-SNR (Kingma & Gao 2023, arXiv:2303.00848, sec. 5), which moves
+  the weight from almost-clean times (where the ELBO puts much of it) to the noisy times that shape
+  the samples. The weight and the schedule's slope are held constant under differentiation, so the
+  schedule's endpoints learn from the prior and reconstruction terms alone. ``ELBOTerms.diffusion``
+  stays the unweighted term, so the bound is reported as before; the training loss uses
+  ``ELBOTerms.weighted_diffusion``.
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ import jax.numpy as jnp
 from .networks import ElementwiseResidualMLP, ScoreNet
 
 _LOG_2PI = math.log(2.0 * math.pi)
+PARAMETERIZATIONS = ("eps", "v")
+LOSS_WEIGHTINGS = ("elbo", "sigmoid")
 
 
 class ELBOTerms(NamedTuple):
@@ -40,10 +57,17 @@ class ELBOTerms(NamedTuple):
     prior: jax.Array
     reconstruction: jax.Array
     n_dims: jax.Array
+    weighted_diffusion: jax.Array  # the diffusion term the training loss uses (= diffusion under "elbo")
 
     @property
     def total(self):
+        """The negative ELBO."""
         return self.diffusion + self.prior + self.reconstruction
+
+    @property
+    def objective(self):
+        """The training objective: the negative ELBO with the diffusion term weighted."""
+        return self.weighted_diffusion + self.prior + self.reconstruction
 
 
 def _masked_sum(values, mask):
@@ -63,6 +87,9 @@ class VDM(nn.Module):
         guidance, Ho & Salimans 2022, arXiv:2207.12598).
       latent_dim: 0 to diffuse the data itself; otherwise diffuse a ``latent_dim``-wide element-wise
         latent made by a residual MLP encoder, decoded by another.
+      parameterization: what the network predicts, ``"eps"`` or ``"v"`` (see the module's notes).
+      loss_weighting: ``"elbo"`` (every log-SNR weighs the same, the bound itself) or ``"sigmoid"``.
+      sigmoid_bias: ``b`` of the sigmoid weighting.
     """
 
     score_net: ScoreNet
@@ -71,6 +98,9 @@ class VDM(nn.Module):
     timesteps: int = 0
     cond_drop_prob: float = 0.0
     latent_dim: int = 0
+    parameterization: str = "eps"
+    loss_weighting: str = "elbo"
+    sigmoid_bias: float = 0.0
 
     @property
     def diffused_dim(self) -> int:
@@ -78,6 +108,10 @@ class VDM(nn.Module):
         return self.latent_dim or self.data_dim
 
     def setup(self):
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {self.parameterization!r}: choose one of {PARAMETERIZATIONS}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
         if self.latent_dim:
             self.encoder = ElementwiseResidualMLP(self.latent_dim)
             self.decoder = ElementwiseResidualMLP(self.data_dim)
@@ -88,8 +122,13 @@ class VDM(nn.Module):
         return self.schedule(t)
 
     def eps_hat(self, z, t, mask, labels=None, context=None, cond_keep=None):
-        """The score network's noise prediction at times ``t[batch]``."""
-        return self.score_net(z, t, mask, labels, context, cond_keep)
+        """The noise prediction at times ``t[batch]``: the network's output itself, or with
+        ``parameterization="v"`` ``sigma_t z + alpha_t v_hat``."""
+        output = self.score_net(z, t, mask, labels, context, cond_keep)
+        if self.parameterization == "eps":
+            return output
+        gamma_t = self.gamma(t)[:, None, None]
+        return (jnp.sqrt(nn.sigmoid(gamma_t)) * z + jnp.sqrt(nn.sigmoid(-gamma_t)) * output) * mask[..., None]
 
     def encode(self, x):
         """Map data to the diffused space (identity without latent diffusion)."""
@@ -151,7 +190,13 @@ class VDM(nn.Module):
         sigma_t = jnp.sqrt(nn.sigmoid(gamma_t))[:, None, None]
         z_t = alpha_t * x_diffused + sigma_t * eps
         eps_hat = self.eps_hat(z_t, t, mask, labels, context, cond_keep)
-        diffusion = weight * _masked_sum(jnp.square(eps - eps_hat), mask)
+        squared_error = _masked_sum(jnp.square(eps - eps_hat), mask)
+        diffusion = weight * squared_error
+        if self.loss_weighting == "sigmoid":
+            log_snr = -jax.lax.stop_gradient(gamma_t)
+            weighted_diffusion = jax.lax.stop_gradient(weight) * nn.sigmoid(self.sigmoid_bias - log_snr) * squared_error
+        else:
+            weighted_diffusion = diffusion
 
         gamma_1 = self.gamma(jnp.ones(()))
         kl_per_dim = 0.5 * (
@@ -166,11 +211,12 @@ class VDM(nn.Module):
         reconstruction = _masked_sum(nll_per_dim, mask)
 
         n_dims = jnp.sum(mask, axis=1) * data_dim
-        return ELBOTerms(diffusion, prior, reconstruction, n_dims)
+        return ELBOTerms(diffusion, prior, reconstruction, n_dims, weighted_diffusion)
 
 
 def vdm_loss(model: VDM, params, rng, x, mask, labels=None, context=None, *, n_dims_total=None, set_ids=None, n_sets=None):
-    """Training loss: the batch's negative ELBO in bits per real dimension.
+    """Training loss: the batch's objective (the negative ELBO, its diffusion term weighted as the
+    model says) in bits per real dimension.
 
     All sets' terms are summed and divided by the number of real dimensions in the batch, so every
     real element weighs the same whatever the padding. A data-parallel step passes the global count
@@ -178,7 +224,8 @@ def vdm_loss(model: VDM, params, rng, x, mask, labels=None, context=None, *, n_d
     ``set_ids`` in a global batch of ``n_sets`` (see ``VDM.__call__``).
 
     Returns:
-      ``(loss, aux)`` where ``aux`` holds each term in bits per dimension.
+      ``(loss, aux)`` where ``aux`` holds the negative ELBO (``nelbo_bpd``) and each of its terms in
+      bits per dimension.
     """
     diffusion_rng, drop_rng = jax.random.split(rng)
     terms = model.apply(
@@ -196,11 +243,12 @@ def vdm_loss(model: VDM, params, rng, x, mask, labels=None, context=None, *, n_d
         n_dims_total = jnp.sum(terms.n_dims)
     to_bpd = 1.0 / (n_dims_total * math.log(2.0))
     aux = {
+        "nelbo_bpd": jnp.sum(terms.total) * to_bpd,
         "diffusion_bpd": jnp.sum(terms.diffusion) * to_bpd,
         "prior_bpd": jnp.sum(terms.prior) * to_bpd,
         "reconstruction_bpd": jnp.sum(terms.reconstruction) * to_bpd,
     }
-    return jnp.sum(terms.total) * to_bpd, aux
+    return jnp.sum(terms.objective) * to_bpd, aux
 
 
 def nelbo(model: VDM, params, rng, x, mask, labels=None, context=None, n_samples: int = 16):

@@ -12,8 +12,8 @@ from setdiff.training import create_train_state, fit, init_params, make_optimize
 N_MAX, DIM = 7, 3
 
 
-def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3):
-    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=n_classes, n_inducing=n_inducing)
+def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive"):
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=n_classes, n_inducing=n_inducing, conditioning=conditioning)
     return VDM(net, make_schedule(schedule), data_dim=DIM, timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -52,12 +52,12 @@ def eps_hat(model, params, batch, x=None, labels=None, context=None):
     )
 
 
-@pytest.mark.parametrize("n_inducing", [0, 4])
-def test_score_network_sees_the_size_of_a_set(batch, n_inducing):
+@pytest.mark.parametrize("n_inducing, conditioning", [(0, "additive"), (4, "additive"), (0, "adaln")])
+def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning):
     """Attention averages over elements, so a set and the same set with every element duplicated look
     alike to it; only the size conditioning tells them apart (a jet of 3 particles and one of 6
     carry different momentum fractions)."""
-    model = small_model(n_inducing=n_inducing)
+    model = small_model(n_inducing=n_inducing, conditioning=conditioning)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     elements = batch["x"][2:3, :3]  # three elements of one set
     single = jnp.zeros((1, N_MAX, DIM)).at[:, :3].set(elements)
@@ -70,9 +70,9 @@ def test_score_network_sees_the_size_of_a_set(batch, n_inducing):
     assert float(jnp.max(jnp.abs(outputs[0] - outputs[1]))) > 1e-3
 
 
-@pytest.mark.parametrize("n_inducing", [0, 4])
-def test_score_network_is_permutation_equivariant(batch, n_inducing):
-    model = small_model(n_inducing=n_inducing)
+@pytest.mark.parametrize("n_inducing, conditioning", [(0, "additive"), (4, "additive"), (0, "adaln")])
+def test_score_network_is_permutation_equivariant(batch, n_inducing, conditioning):
+    model = small_model(n_inducing=n_inducing, conditioning=conditioning)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     permutation = np.random.default_rng(1).permutation(N_MAX)
     permuted = {**batch, "x": batch["x"][:, permutation], "mask": batch["mask"][:, permutation]}
@@ -82,10 +82,10 @@ def test_score_network_is_permutation_equivariant(batch, n_inducing):
     np.testing.assert_allclose(out_of_permuted, out[:, permutation], atol=1e-5)
 
 
-@pytest.mark.parametrize("n_inducing", [0, 4])
-@pytest.mark.parametrize("latent_dim", [0, 4])
-def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim):
-    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim)
+@pytest.mark.parametrize("n_inducing, latent_dim, conditioning",
+                         [(0, 0, "additive"), (4, 0, "additive"), (0, 4, "additive"), (4, 4, "additive"), (0, 0, "adaln")])
+def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim, conditioning):
+    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim, conditioning=conditioning)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     mask = batch["mask"]
     junk = jax.random.normal(jax.random.key(7), batch["x"].shape) * 100.0
@@ -238,3 +238,59 @@ def test_data_parallel_step_matches_single_device(n_shards):
     for split_leaf, whole_leaf in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
         for shard in range(n_shards):
             np.testing.assert_allclose(split_leaf[shard], whole_leaf, atol=2e-5)
+
+
+def test_v_prediction_gives_the_noise_of_pure_noise_and_keeps_padding_at_zero(batch):
+    """With v-prediction ``eps_hat = sigma_t z + alpha_t v_hat``: at initialisation (``v_hat = 0``)
+    the noise prediction is ``sigma_t z``, exact at t -> 1 where z is all noise; padded elements stay
+    zero, and the bound is the same kind of number as with eps-prediction."""
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3)
+    model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v")
+    params = init_params(model, jax.random.key(0), batch)
+    z = jnp.asarray(np.random.default_rng(1).normal(size=batch["x"].shape), jnp.float32) * batch["mask"][..., None]
+    t = jnp.asarray([0.2, 0.5, 0.8, 1.0])
+    predicted = model.apply(params, z, t, batch["mask"], batch["labels"], method=VDM.eps_hat)
+    sigma = np.sqrt(1 / (1 + np.exp(-np.asarray(model.apply(params, t, method=VDM.gamma)))))
+    np.testing.assert_allclose(predicted, sigma[:, None, None] * np.asarray(z), rtol=1e-5, atol=1e-6)
+    assert float(sigma[-1]) > 0.99
+    trained = perturbed(params)
+    predicted = model.apply(trained, z, t, batch["mask"], batch["labels"], method=VDM.eps_hat)
+    assert float(jnp.abs(predicted * ~batch["mask"][..., None]).max()) == 0.0
+    loss, aux = vdm_loss(model, trained, jax.random.key(2), batch["x"], batch["mask"], batch["labels"])
+    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(float(aux["nelbo_bpd"]), rel=1e-6)
+
+
+def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_elbo(batch):
+    """The weighted diffusion term is the ELBO's times sigmoid(b - log SNR): at a very noisy time
+    the two agree, at an almost clean one the weighted term is tiny; the unweighted term (what
+    validation reports) does not depend on the weighting."""
+    def terms(weighting, t):
+        net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3)
+        model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, loss_weighting=weighting, sigmoid_bias=0.0)
+        params = perturbed(init_params(model, jax.random.key(0), batch))
+        return model.apply(params, batch["x"], batch["mask"], batch["labels"], t=jnp.full((4,), t),
+                           rngs={"diffusion": jax.random.key(3)})
+
+    for t in (0.02, 0.98):
+        elbo, weighted = terms("elbo", t), terms("sigmoid", t)
+        np.testing.assert_allclose(weighted.diffusion, elbo.diffusion, rtol=1e-6)
+        np.testing.assert_allclose(elbo.weighted_diffusion, elbo.diffusion, rtol=1e-6)
+        log_snr = -(-13.3 + 18.3 * t)
+        np.testing.assert_allclose(weighted.weighted_diffusion, elbo.diffusion / (1 + np.exp(log_snr)), rtol=1e-4)
+    assert float(jnp.sum(terms("sigmoid", 0.02).weighted_diffusion)) < 1e-4 * float(jnp.sum(terms("elbo", 0.02).diffusion))
+
+
+def test_weight_decay_shrinks_weight_matrices_only(batch):
+    """AdamW with a zero gradient and a large decay moves the kernels and embeddings only; biases,
+    LayerNorm scales and the schedule's endpoints keep their values."""
+    model = small_model()
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    optimizer = make_optimizer(0.1, 10, weight_decay=1.0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    moved = {jax.tree_util.keystr(path): float(jnp.abs(update).max())
+             for path, update in jax.tree_util.tree_leaves_with_path(updates)}
+    assert any("gamma_0" in name for name in moved) and any("bias" in name for name in moved)
+    for name, size in moved.items():
+        matrix = name.endswith("['kernel']") or name.endswith("['embedding']") or "inducing" in name
+        assert (size > 0) == matrix, name

@@ -236,3 +236,34 @@ def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, 
     assert np.isfinite(losses["bfloat16"])
     assert losses["bfloat16"] != losses["float32"]  # the compute really ran in bfloat16 ...
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-3)  # ... and agrees to bfloat16 precision
+
+
+def test_log_pt_rel_reads_the_logarithm_standardised_and_maps_back_with_its_jacobian(processed):
+    """model.log_pt_rel: the model's pt_rel coordinate is (log pt_rel - mean) / std with the train
+    split's statistics of log pt_rel (written by preprocess); to_physical inverts it exactly, and
+    log_jacobian is ln |d features / dx| of each jet, checked by finite differences."""
+    from pipeline.sets import read_sets
+
+    sets = read_sets(processed / "train.h5")
+    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False, log_pt_rel=True)
+    mask, pt_rel = sets["mask"], sets["particles"][..., 2]
+    statistics = json.loads((processed / "normalisation.json").read_text())["log_particles"]["pt_rel"]
+    assert statistics["mean"] == pytest.approx(np.log(pt_rel[mask]).mean(), rel=1e-6)
+    assert statistics["std"] == pytest.approx(np.log(pt_rel[mask]).std(), rel=1e-5)
+    assert np.abs(split.x[mask]).max() < 10 and np.abs(split.x[..., 2][mask].mean()) < 1e-4  # standardised
+    np.testing.assert_allclose(split.to_physical(split.x, mask), sets["particles"], rtol=2e-5, atol=1e-6)
+    step = 1e-3
+    x = split.x[:5].astype(np.float64)
+    derivative = (split.to_physical(x + step, mask[:5]) - split.to_physical(x - step, mask[:5])) / (2 * step)
+    by_differences = np.sum(np.where(mask[:5, :, None], np.log(np.abs(np.where(mask[:5, :, None], derivative, 1.0))), 0.0), axis=(1, 2))
+    np.testing.assert_allclose(split.log_jacobian()[:5], by_differences, rtol=1e-5)
+    plain = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
+    assert np.all(plain.log_jacobian() != split.log_jacobian())
+
+
+def test_log_pt_rel_refuses_statistics_that_predate_it(processed, tmp_path):
+    normalisation = json.loads((processed / "normalisation.json").read_text())
+    del normalisation["log_particles"]
+    (tmp_path / "normalisation.json").write_text(json.dumps(normalisation))
+    with pytest.raises(Exception, match="no statistics of log\\(pt_rel\\).*preprocess the dataset again"):
+        SetsSplit(processed / "train.h5", tmp_path / "normalisation.json", use_context=False, log_pt_rel=True)
