@@ -3,6 +3,7 @@ import shutil
 import socket
 import sys
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -11,6 +12,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# One JAX compilation cache for the tests and every stage they start (the environment is inherited):
+# they compile the same small programs again and again, and a cached one loads in milliseconds.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jet-setdiff-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(autouse=True)
