@@ -28,8 +28,9 @@ Two choices change what the network is trained on without changing the bound tha
 * ``loss_weighting="sigmoid"``: the diffusion term is weighted by ``w(lambda) = sigmoid(b - lambda)``
   with ``lambda = -gamma(t)`` the log-SNR (Kingma & Gao 2023, arXiv:2303.00848, sec. 5), which moves
   the weight from almost-clean times (where the ELBO puts much of it) to the noisy times that shape
-  the samples. The weight and the schedule's slope are held constant under differentiation, so the
-  schedule's endpoints learn from the prior and reconstruction terms alone. ``ELBOTerms.diffusion``
+  the samples. The weight and the schedule's slope are held constant under differentiation (a
+  learned schedule's endpoints would otherwise be pushed to shrink the weight rather than the
+  error; they still learn from the prior, the reconstruction and through ``z_t``). ``ELBOTerms.diffusion``
   stays the unweighted term, so the bound is reported as before; the training loss uses
   ``ELBOTerms.weighted_diffusion``.
 """

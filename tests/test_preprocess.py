@@ -117,7 +117,8 @@ def test_quark_gluon_files_become_the_expected_sets(tmp_path):
 
 
 def test_splits_are_exact_seeded_sorted_and_padded(tmp_path, root_jets):
-    counts, splits = run(tmp_path, "data=pythia", "data.generator.n_shards=1")
+    fractions = "data.split_fractions=[0.7,0.15,0.15]"
+    counts, splits = run(tmp_path, "data=pythia", "data.generator.n_shards=1", fractions)
     n = sum(len(splits[split]["labels"]) for split in SPLITS)
     assert n == 24  # 30 jets, 6 dropped
     # Cumulative targets round(0.7 * 24) = 17 and round(0.85 * 24) = 20 of 24 jets.
@@ -128,10 +129,10 @@ def test_splits_are_exact_seeded_sorted_and_padded(tmp_path, root_jets):
         assert (sets["particles"][~mask] == 0).all()  # padding is zero
         assert (np.diff(pt_rel, axis=1)[mask[:, 1:]] <= 0).all()  # hardest first
         np.testing.assert_array_equal(sets["jets"][:, 3], mask.sum(axis=1))  # n_particles
-    again = run(tmp_path, "data=pythia", "data.generator.n_shards=1")[1]
+    again = run(tmp_path, "data=pythia", "data.generator.n_shards=1", fractions)[1]
     for split in SPLITS:
         np.testing.assert_array_equal(again[split]["particles"], splits[split]["particles"])
-    reseeded = run(tmp_path, "data=pythia", "data.generator.n_shards=1", "seed=7")[1]
+    reseeded = run(tmp_path, "data=pythia", "data.generator.n_shards=1", fractions, "seed=7")[1]
     assert not np.array_equal(reseeded["train"]["jets"], splits["train"]["jets"])
 
 
