@@ -208,12 +208,23 @@ class Interrupted(SystemExit):
     MLflow run ends KILLED, not FAILED, and the process exits with ``code`` (128 + the signal)."""
 
 
+_received_stop_signals: list[int] = []  # stop signals received while the current stage runs
+
+
 def _interrupt(number: int, frame) -> None:
     """Stop the stage at once: raise :class:`Interrupted`. Later stop signals are ignored, so a
-    second SIGTERM cannot cut short the ending of the MLflow run."""
+    second SIGTERM cannot cut short the ending of the MLflow run. The signal is also remembered
+    (:func:`received_stop_signal`): when it arrives while Python runs a weakref callback or a
+    ``__del__``, the exception is printed and dropped there, and the stage must still stop."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
+    _received_stop_signals.append(number)
     raise Interrupted(128 + number)
+
+
+def received_stop_signal() -> int | None:
+    """The stop signal received since the stage began, if any (its exception may have been dropped)."""
+    return _received_stop_signals[0] if _received_stop_signals else None
 
 
 @contextmanager
@@ -224,6 +235,7 @@ def _stop_signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received_stop_signals.clear()
     previous = {stop_signal: signal.signal(stop_signal, _interrupt) for stop_signal in STOP_SIGNALS}
     try:
         yield
@@ -268,6 +280,8 @@ def stage_run(
                     client.log_batch(run.info.run_id, params=batch)
             mlflow.log_text(OmegaConf.to_yaml(_resolved(config)), CONFIG_ARTIFACT)
             yield run
+            if (number := received_stop_signal()) is not None:  # its exception was dropped on the way
+                raise Interrupted(128 + number)
         except BaseException as error:  # ends the run if it started (no-op otherwise)
             interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))

@@ -61,7 +61,7 @@ from .config import Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .stage import PipelineError, atomic_output, stage, write_config
-from .tracking import STOP_SIGNALS, Interrupted, flatten_config
+from .tracking import STOP_SIGNALS, Interrupted, flatten_config, received_stop_signal
 
 AXIS = "devices"
 
@@ -202,6 +202,7 @@ class StopRequest:
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        self.signal = received_stop_signal()  # one that arrived before, whose exception was dropped
         return self
 
     def _handle(self, number, frame):

@@ -150,6 +150,27 @@ def test_a_stop_signal_ends_the_run_killed_wherever_the_stage_is(store):
     assert mlflow.active_run() is None
 
 
+def test_a_stop_signal_whose_exception_python_drops_still_ends_the_stage_killed(store):
+    """A signal handler's exception raised while Python runs a ``__del__`` (or a weakref callback,
+    as happened during training's set-up) is printed and dropped; the stage must stop all the same,
+    and training's own handler must see the signal too."""
+    from pipeline.train import StopRequest
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as raised:
+        with stage_run("signals", "train", {"seed": 1}) as run:
+            SignalledWhileCollected()  # collected at once: Python prints "Exception ignored in ..."
+            with StopRequest() as stop_request:
+                seen_by_training = stop_request.signal
+    assert raised.value.code == 128 + signal.SIGTERM and seen_by_training == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert MlflowClient(store).get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_config_artifact_round_trips_beside_the_db(store, shared_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # artifacts must not land under the cwd
     config = OmegaConf.create(
