@@ -18,6 +18,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 
 
+# Downloads run where Snakemake runs (a login node), never as cluster jobs: compute nodes often
+# have no route to the internet.
+localrules:
+    download,
+
+
 rule all:
     default_target: True
     input:

@@ -7,6 +7,10 @@ rule toy:
         hydra=hydra_args("model", "train", "sample"),
     log:
         "results/{experiment}/logs/toy.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
         "../../environment.yml"
     shell:
