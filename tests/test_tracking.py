@@ -150,6 +150,7 @@ def test_a_stop_signal_ends_the_run_killed_wherever_the_stage_is(store):
     assert mlflow.active_run() is None
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
 def test_a_stop_signal_whose_exception_python_drops_still_ends_the_stage_killed(store):
     """A signal handler's exception raised while Python runs a ``__del__`` (or a weakref callback,
     as happened during training's set-up) is printed and dropped; the stage must stop all the same,
