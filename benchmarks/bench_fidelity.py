@@ -104,7 +104,7 @@ def prepare_data(args, out: Path) -> None:
         while shards and len(running) < args.jobs:
             name, shard = shards.pop(0)
             log = (out / "logs" / f"generate_{name}_{shard}.log").open("w")
-            command = [sys.executable, "-m", "pipeline.generate", *data, f"name=fidelity", f"results_dir={out}",
+            command = [sys.executable, "-m", "pipeline.generate", *data, "name=fidelity", f"results_dir={out}",
                        f"data.generator.class_name={name}", f"data.generator.shard={shard}"]
             running.append(subprocess.Popen(command, cwd=REPOSITORY, stdout=log, stderr=subprocess.STDOUT))
         time.sleep(2)
