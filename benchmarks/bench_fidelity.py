@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="generation shards run at once")
     parser.add_argument("--base", nargs="*", default=["experiment=demo", "sample.n_jets=2400"],
                         help="Hydra overrides of every variant, before its own")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                        help=f"of {', '.join(VARIANTS)} (none: only the --extra ones)")
     parser.add_argument("--extra", nargs="*", default=[], help="NAME=override;override... variants beyond the built-in ones")
     args = parser.parse_args()
     out = args.out.resolve()
