@@ -53,7 +53,7 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"{jax.local_device_count()} device(s); experiment {args.experiment} {' '.join(args.overrides)}, {n_jets} jets per run")
-    print(f"| sampler | steps | network calls | jets/s | W1M ×10³ |\n|---|---|---|---|---|")
+    print("| sampler | steps | network calls | jets/s | W1M ×10³ |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for sampler in SAMPLERS:
             for steps in args.steps:

@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}")
-    print(f"| model | n_max | attention | train sets/s | DDIM-20 sets/s |")
-    print(f"|---|---|---|---|---|")
+    print("| model | n_max | attention | train sets/s | DDIM-20 sets/s |")
+    print("|---|---|---|---|---|")
     for model_name in MODELS:
         for n_max in (30, 150):
             for n_inducing in (0, 16):

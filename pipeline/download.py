@@ -72,7 +72,8 @@ import requests
 from tqdm import tqdm
 
 from .config import Config, DataConfig, RemoteFile, Source
-from .stage import PipelineError, atomic_output, stage
+from .files import PipelineError, atomic_output
+from .stage import stage
 
 ATTEMPTS = 4  # tries per request against transient network errors
 FIRST_RETRY_DELAY_S = 1.0  # wait before the second try; doubled before each further one

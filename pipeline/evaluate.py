@@ -66,7 +66,8 @@ from . import metrics as jet_metrics
 from .config import PARTICLE_FEATURES, Config
 from .plots import plot_comparison
 from .sets import read_sets
-from .stage import PipelineError, atomic_output, stage
+from .files import PipelineError, atomic_output
+from .stage import stage
 
 COMPARISONS = ("sample", "truth")
 # Markdown columns: (title, metric key, scale). Scales as the JetNet papers quote the metrics.
@@ -248,7 +249,10 @@ def tab_separated_table(metrics: dict[str, float]) -> str:
 def main(cfg: Config) -> None:
     with stage("evaluate", cfg) as output_dir:
         paths = input_paths(cfg)
-        metrics, reference, samples = evaluate(cfg, paths)
+        try:
+            metrics, reference, samples = evaluate(cfg, paths)
+        except ValueError as error:  # the metrics' checks of their input (an empty sample, too few jets, ...)
+            raise PipelineError(str(error)) from None
         table = markdown_table(metrics)
         with atomic_output(output_dir / "metrics.json") as file:
             json.dump(metrics, file, indent=2)

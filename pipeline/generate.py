@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from .config import Config
 from .jets import azimuth, delta_r, invariant_mass, pseudorapidity, transverse_momentum
-from .stage import PipelineError, atomic_output, stage
+from .files import PipelineError, atomic_output
+from .stage import stage
 
 NEUTRINOS = (12, 14, 16)
 JETS_PER_BASKET = 10_000  # jets per ROOT basket

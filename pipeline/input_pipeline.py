@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from .files import PipelineError
 from .sets import read_sets
-from .stage import PipelineError
 
 
 def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
@@ -41,6 +42,29 @@ def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
         sizes.append(size)
         size *= 2
     return [*sizes, n_max]
+
+
+def padded_length(buckets: np.ndarray, largest: int) -> int:
+    """The smallest of ``buckets`` (sorted) that holds a set of ``largest`` particles."""
+    return int(buckets[np.searchsorted(buckets, largest)])
+
+
+def batches_by_multiplicity(split: SetsSplit, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, dict, int]]:
+    """Every one of ``rows`` of ``split`` once, in batches of similar multiplicity, for inference.
+
+    Yields ``(positions, batch, n_used)``: the positions in ``rows`` the batch holds, the batch
+    (``split.rows``) cut to ``n_used``, its largest multiplicity rounded up to a bucket, and filled up
+    to ``batch_size`` by repeating its last row, so every batch of a bucket has one shape (one
+    compilation). Only the first ``len(positions)`` results of a batch are real.
+    """
+    by_size = np.argsort(split.multiplicity[rows], kind="stable")
+    buckets = np.array(bucket_sizes(split.mask.shape[1]))
+    for first in range(0, len(rows), batch_size):
+        positions = by_size[first : first + batch_size]
+        chunk = rows[positions]
+        filled = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
+        n_used = padded_length(buckets, int(split.multiplicity[chunk].max()))
+        yield positions, split.rows(filled, n_used), n_used
 
 
 class SetsSplit:
@@ -161,8 +185,7 @@ class TrainBatches:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rows = self.global_rows(step)
-        largest = int(self.split.multiplicity[rows].max())
-        n_used = int(self.buckets[np.searchsorted(self.buckets, largest)])
+        n_used = padded_length(self.buckets, int(self.split.multiplicity[rows].max()))
         per_process = self.batch_size // self.process_count
         own = rows[self.process_index * per_process : (self.process_index + 1) * per_process]
         batch = self.split.rows(own, n_used)

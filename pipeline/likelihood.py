@@ -80,11 +80,12 @@ from tqdm import tqdm
 
 from setdiff import nelbo
 
+from .checkpoints import trained_model
 from .config import Config
-from .input_pipeline import SetsSplit, bucket_sizes
-from .sample import trained_model
+from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .sets import read_sets
-from .stage import PipelineError, atomic_output, atomic_path, stage
+from .files import PipelineError, atomic_output, atomic_path
+from .stage import stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -121,16 +122,12 @@ def nelbo_per_class(cfg: DictConfig, split: SetsSplit, n_classes: int, progress:
     score = jax.jit(lambda batch, labels, key: nelbo(model, params, key, batch["x"], batch["mask"], labels,
                                                      batch.get("context"), n_samples=cfg.likelihood.n_samples))
     batch_size = cfg.likelihood.batch_size
-    by_size = np.argsort(split.multiplicity, kind="stable")
-    buckets = np.array(bucket_sizes(split.mask.shape[1]))
     scores = np.empty((len(split), n_classes))
     key = jax.random.PRNGKey(cfg.seed)
-    for first in tqdm(range(0, len(split), batch_size), desc="likelihood", unit="batch", disable=not (progress and sys.stderr.isatty())):
-        positions = by_size[first : first + batch_size]
-        filled = np.concatenate([positions, np.full(batch_size - len(positions), positions[-1])])  # one shape per bucket
-        n_used = int(buckets[np.searchsorted(buckets, split.multiplicity[positions].max())])
-        batch = split.rows(filled, n_used)
-        batch_key = jax.random.fold_in(key, first)
+    batches = batches_by_multiplicity(split, np.arange(len(split)), batch_size)
+    for batch_index, (positions, batch, _) in enumerate(tqdm(batches, total=-(-len(split) // batch_size), desc="likelihood",
+                                                              unit="batch", disable=not (progress and sys.stderr.isatty()))):
+        batch_key = jax.random.fold_in(key, batch_index)
         for label in range(n_classes):
             labels = np.full(batch_size, label, np.int32)
             scores[positions, label] = np.asarray(score(batch, labels, batch_key))[: len(positions)]

@@ -33,7 +33,6 @@ import scipy.stats
 
 from .config import PARTICLE_FEATURES
 from .jets import delta_r, jet_from_relative_particles
-from .stage import PipelineError
 
 # energyflow's particle coordinates (pT, rapidity, phi): our columns in that order.
 ENERGYFLOW_COLUMNS = [PARTICLE_FEATURES.index(name) for name in ("pt_rel", "eta_rel", "phi_rel")]
@@ -57,21 +56,21 @@ def _checked_sample(particles, mask, side: str) -> tuple[np.ndarray, np.ndarray]
     particles = np.asarray(particles, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if particles.ndim != 3 or particles.shape[-1] != len(PARTICLE_FEATURES):
-        raise PipelineError(
+        raise ValueError(
             f"the {side} particles have shape {particles.shape}, not [n_jets, n_max, {len(PARTICLE_FEATURES)}] "
             f"with features {', '.join(PARTICLE_FEATURES)}; pass the sets file's `particles` array."
         )
     if mask.shape != particles.shape[:2]:
-        raise PipelineError(
+        raise ValueError(
             f"the {side} mask has shape {mask.shape} but its particles have {particles.shape[:2]} rows; "
             "pass the `mask` array of the same sets file."
         )
     if particles.shape[0] == 0:
-        raise PipelineError(f"the {side} sample has no jets; evaluate a sets file that holds some.")
+        raise ValueError(f"the {side} sample has no jets; evaluate a sets file that holds some.")
     if not mask.any():
-        raise PipelineError(f"the {side} sample has no valid particles (its mask is all False); the sample is empty, make it again.")
+        raise ValueError(f"the {side} sample has no valid particles (its mask is all False); the sample is empty, make it again.")
     if not np.isfinite(particles[mask]).all():
-        raise PipelineError(f"the {side} particles contain NaN or infinite values; the sample is broken, make it again.")
+        raise ValueError(f"the {side} particles contain NaN or infinite values; the sample is broken, make it again.")
     return np.where(mask[..., None], particles, 0.0), mask
 
 
@@ -81,11 +80,11 @@ def _checked_features(values, side: str) -> np.ndarray:
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2:
-        raise PipelineError(f"the {side} values have shape {values.shape}, not [n_jets, n_features]; pass one row per jet.")
+        raise ValueError(f"the {side} values have shape {values.shape}, not [n_jets, n_features]; pass one row per jet.")
     if values.shape[0] == 0:
-        raise PipelineError(f"the {side} sample has no jets; evaluate a sets file that holds some.")
+        raise ValueError(f"the {side} sample has no jets; evaluate a sets file that holds some.")
     if not np.isfinite(values).all():
-        raise PipelineError(f"the {side} values contain NaN or infinite values; the sample is broken, make it again.")
+        raise ValueError(f"the {side} values contain NaN or infinite values; the sample is broken, make it again.")
     return values
 
 
@@ -93,7 +92,7 @@ def _checked_pair(real_values, generated_values) -> tuple[np.ndarray, np.ndarray
     real_values = _checked_features(real_values, "real")
     generated_values = _checked_features(generated_values, "generated")
     if real_values.shape[1] != generated_values.shape[1]:
-        raise PipelineError(
+        raise ValueError(
             f"the real values have {real_values.shape[1]} columns and the generated {generated_values.shape[1]}; "
             "compute the same features for both samples."
         )
@@ -102,7 +101,7 @@ def _checked_pair(real_values, generated_values) -> tuple[np.ndarray, np.ndarray
 
 def _require_at_least(name: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise PipelineError(f"{name}={value} is too small; set it to at least {minimum}.")
+        raise ValueError(f"{name}={value} is too small; set it to at least {minimum}.")
 
 
 def _worker_count(n_jobs: int) -> int:
@@ -282,7 +281,7 @@ def _bootstrap_w1_of_jets(real_values: np.ndarray, real_jet: np.ndarray, n_real_
         real_weights = np.bincount(real_rows, minlength=n_real_jets)[real_jet]
         generated_weights = np.bincount(generated_rows, minlength=n_generated_jets)[generated_jet]
         if not (real_weights.any() and generated_weights.any()):
-            raise PipelineError("a bootstrap batch drew only jets without particles; draw more jets per batch (n_per_batch).")
+            raise ValueError("a bootstrap batch drew only jets without particles; draw more jets per batch (n_per_batch).")
         distances.append([column(real_weights, generated_weights) for column in columns])
     return np.array(distances)
 
@@ -377,7 +376,7 @@ def fpd_batch_sizes(n_real: int, n_generated: int, min_jets: int = 20_000, max_j
     scale = min(1.0, smaller_sample / max_jets)
     sizes = np.rint(1 / np.linspace(1 / (min_jets * scale), 1 / (max_jets * scale), n_points)).astype(int)
     if sizes[0] < 2 or sizes[0] == sizes[-1]:
-        raise PipelineError(
+        raise ValueError(
             f"the smaller sample has {smaller_sample} jets, too few for FPD batches from {min_jets} to {max_jets} jets "
             f"scaled down to it ({sizes[0]} to {sizes[-1]}: the 1/N fit needs at least 2 jets and two different sizes); "
             "score samples with more jets."
@@ -477,7 +476,7 @@ def kpd(real_features, gen_features, *, n_batches: int = 10, n_per_batch: int = 
             np.unique(rows, return_counts=True) for rows in (real_rows, generated_rows)
         )
         if len(real_jets) < 2 or len(generated_jets) < 2:
-            raise PipelineError(
+            raise ValueError(
                 f"a KPD batch drew a single distinct jet of a sample ({len(real_features)} real, {len(gen_features)} generated "
                 "jets): the MMD needs pairs of different jets; draw more jets per batch (n_per_batch) or score larger samples."
             )

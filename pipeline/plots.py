@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 
 from .jets import jet_from_relative_particles
-from .stage import PipelineError, atomic_output
+from .files import PipelineError, atomic_output
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -48,7 +48,8 @@ from .background import in_background
 from .config import Config, Source
 from .jets import four_momentum_from_pt_y_phi, jet_kinematics, relative_coordinates, transverse_momentum, wrap_phi
 from .sets import write_sets
-from .stage import PipelineError, atomic_output, stage
+from .files import PipelineError, atomic_output
+from .stage import stage
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = -1  # class index of a jet whose class is not in data.class_names

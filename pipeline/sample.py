@@ -24,7 +24,6 @@ the original jet, see ``pipeline.jets.jet_from_relative_particles``).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from functools import lru_cache, partial
@@ -39,13 +38,13 @@ from tqdm import tqdm
 
 from setdiff import sample
 
-from .config import PARTICLE_FEATURES, CheckpointChoice, Config, MaskSource, ModelConfig
-from .input_pipeline import SetsSplit, bucket_sizes
+from .checkpoints import trained_model
+from .config import PARTICLE_FEATURES, Config, MaskSource
+from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .jets import jet_from_relative_particles
-from .model import build_vdm
 from .sets import write_sets
-from .stage import PipelineError, stage
-from .train import load_checkpoint
+from .files import PipelineError
+from .stage import stage
 
 SAMPLE_JET_FEATURES = ["pt_rel", "eta_rel", "mass_rel", "n_particles"]
 
@@ -86,26 +85,6 @@ def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float
                     in_axes=(None, 0, 0, 0, 0))
 
 
-def trained_model(cfg: DictConfig, data_dim: int, n_classes: int):
-    """The training run's model and its EMA parameters (``sample.checkpoint``: best or latest)."""
-    train_dir = Path(cfg.results_dir) / "train"
-    summary_path = train_dir / "checkpoint.json"
-    if not summary_path.is_file():
-        raise PipelineError(f"{summary_path} does not exist; train the model first (`python -m pipeline.train experiment={cfg.name}`).")
-    summary = json.loads(summary_path.read_text())
-    choice = CheckpointChoice(cfg.sample.checkpoint)
-    path = summary.get(choice.value) or summary.get("latest")
-    if not path or not Path(path).exists():
-        raise PipelineError(f"{summary_path} names no existing checkpoint ({path}); train the model again.")
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(train_dir / "config.yaml").model)
-    for key in ("log_pt_rel", "use_jet_context"):  # they decide how the data is read, before the model is
-        if model_cfg[key] != cfg.model[key]:
-            raise PipelineError(f"the model in {train_dir} was trained with model.{key}={model_cfg[key]}, not {cfg.model[key]}; "
-                                f"run with model.{key}={model_cfg[key]}.")
-    model = build_vdm(model_cfg, data_dim=data_dim, n_classes=n_classes)
-    return model, load_checkpoint(path)["ema_params"], path
-
-
 def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     """Sample every class and write ``output_path``; returns the run's figures."""
     processed = Path(cfg.data.processed_dir)
@@ -123,26 +102,20 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     if len(rows) < cfg.sample.n_jets * len(split.class_names):
         print(f"sample: the test split has fewer than {cfg.sample.n_jets} jets of some class; generating {len(rows)} jets, "
               "one per test jet", flush=True)
-    by_size = np.argsort(split.multiplicity[rows], kind="stable")  # similar sizes share a batch
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
-    buckets = np.array(bucket_sizes(split.mask.shape[1]))
     draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale)
     generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
     key = jax.random.PRNGKey(cfg.seed)
     start = time.perf_counter()
-    for batch_index, first in enumerate(tqdm(range(0, len(rows), batch_size), desc="sample", unit="batch",
-                                             disable=not (progress and sys.stderr.isatty()))):
-        positions = by_size[first : first + batch_size]
-        chunk = rows[positions]
-        filled = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])  # a full batch: one shape per bucket
-        n_used = int(buckets[np.searchsorted(buckets, split.multiplicity[chunk].max())])
-        batch = split.rows(filled, n_used)
+    batches = batches_by_multiplicity(split, rows, batch_size)
+    for batch_index, (positions, batch, n_used) in enumerate(tqdm(batches, total=-(-len(rows) // batch_size), desc="sample",
+                                                                   unit="batch", disable=not (progress and sys.stderr.isatty()))):
         shard = lambda array: array.reshape(n_devices, -1, *array.shape[1:])  # noqa: E731
         device_keys = jax.random.split(jax.random.fold_in(key, batch_index), n_devices)
         x = draw(params, device_keys, shard(batch["mask"]), shard(batch["labels"]),
                  None if split.context is None else shard(batch["context"]))
-        generated[positions, :n_used] = np.asarray(x).reshape(batch_size, n_used, -1)[: len(chunk)]
+        generated[positions, :n_used] = np.asarray(x).reshape(batch_size, n_used, -1)[: len(positions)]
     seconds = time.perf_counter() - start
 
     mask = split.mask[rows]

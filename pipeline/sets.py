@@ -26,7 +26,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .stage import PipelineError, atomic_path
+from .files import PipelineError, atomic_path
 
 SCHEMA_VERSION = 1
 DATASETS = ("particles", "mask", "jets", "labels")

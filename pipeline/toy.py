@@ -29,7 +29,8 @@ from setdiff.toy import ring_index, square_ring_sets
 
 from .config import Config
 from .model import build_vdm
-from .stage import atomic_output, stage
+from .files import atomic_output
+from .stage import stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

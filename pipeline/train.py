@@ -50,17 +50,18 @@ import hydra
 import jax
 import mlflow
 import numpy as np
-import orbax.checkpoint as ocp
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from setdiff import create_train_state, learning_rate_schedule, make_optimizer, nelbo, train_step
 
 from .background import in_background
+from .checkpoints import Checkpoints, latest_checkpoint_step
 from .config import Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
-from .stage import PipelineError, atomic_output, stage, write_config
+from .files import PipelineError, atomic_output, write_config
+from .stage import stage
 from .tracking import STOP_SIGNALS, Interrupted, flatten_config, received_stop_signal
 
 AXIS = "devices"
@@ -140,57 +141,6 @@ def unreplicate(tree):
     """The host copy of a replicated tree: this process's first device's copy, read without any
     computation (indexing a ``pmap`` output would launch one across every process)."""
     return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)).reshape(leaf.shape[1:]), tree)
-
-
-def latest_checkpoint_step(output_dir: Path) -> int | None:
-    """The step of the latest checkpoint that :class:`Checkpoints` wrote in ``output_dir``, or
-    ``None`` when there is none (not started, or stopped before its first checkpoint)."""
-    folder = output_dir / "checkpoints" / "latest"
-    return max(ocp.utils.checkpoint_steps(folder), default=None) if folder.is_dir() else None
-
-
-class Checkpoints:
-    """The latest ``keep`` checkpoints and the best one by val NELBO (orbax ``CheckpointManager``s),
-    in ``<output_dir>/checkpoints``."""
-
-    def __init__(self, output_dir: Path, keep: int):
-        self.directory = (output_dir / "checkpoints").absolute()
-        self.latest = ocp.CheckpointManager(
-            self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
-        )
-        self.best = ocp.CheckpointManager(
-            self.directory / "best",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda metrics: metrics["val_nelbo_bpd"], best_mode="min", enable_async_checkpointing=False,
-            ),
-        )
-
-    def save(self, step: int, state, val_nelbo: float | None = None) -> None:
-        if self.latest.latest_step() != step:
-            self.latest.save(step, args=ocp.args.StandardSave(state))
-        if val_nelbo is not None and self.best.latest_step() != step:
-            self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_nelbo_bpd": val_nelbo})
-
-    def restore_latest(self, like):
-        """The latest saved state (shaped like ``like``), or ``None`` when there is none."""
-        step = self.latest.latest_step()
-        return None if step is None else self.latest.restore(step, args=ocp.args.StandardRestore(like))
-
-    def summary(self) -> dict:
-        """The paths of the latest and the best checkpoint, and the best's val NELBO (bits per
-        dimension), over every run that wrote into this folder; ``None`` for what does not exist."""
-        latest, best = self.latest.latest_step(), self.best.best_step()
-        return {
-            "latest": None if latest is None else str(self.directory / "latest" / str(latest)),
-            "best": None if best is None else str(self.directory / "best" / str(best)),
-            "best_val_nelbo_bpd": None if best is None else float(self.best.metrics(best)["val_nelbo_bpd"]),
-        }
-
-
-def load_checkpoint(path) -> dict:
-    """A saved training state as a tree of numpy arrays (``step, params, ema_params, opt_state``),
-    from a checkpoint folder named in ``checkpoint.json``."""
-    return ocp.StandardCheckpointer().restore(Path(path).absolute() / "default")  # CheckpointManager's item name
 
 
 class StopRequest:

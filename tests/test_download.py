@@ -24,7 +24,7 @@ from pipeline import download
 from pipeline.config import RemoteFile
 from pipeline.preprocess import preprocess
 from pipeline.sets import read_sets
-from pipeline.stage import PipelineError
+from pipeline.files import PipelineError
 
 JETNET_FILES = ["g.hdf5", "q.hdf5", "t.hdf5", "w.hdf5", "z.hdf5"]  # data=jetnet30
 CONTENTS = {name: random.Random(name).randbytes(40_000 + 1_000 * index) for index, name in enumerate(JETNET_FILES)}

@@ -19,7 +19,7 @@ from conftest import compose_config
 from pipeline.config import PARTICLE_FEATURES
 from pipeline.likelihood import score_file
 from pipeline.sets import write_sets
-from pipeline.stage import PipelineError, write_config
+from pipeline.files import PipelineError, write_config
 from pipeline.train import train
 
 N_MAX = 8

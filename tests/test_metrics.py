@@ -25,7 +25,6 @@ from pipeline.metrics import (
     w1m,
     w1p,
 )
-from pipeline.stage import PipelineError
 
 ETA, PHI, PT = 0, 1, 2  # the sets file's feature order
 
@@ -312,7 +311,7 @@ def test_fpd_batch_sizes_are_the_configured_ones_or_scaled_down_to_the_smaller_s
     capped = fpd_batch_sizes(10_000, 3_000, min_jets=20_000, max_jets=50_000, n_points=10)
     assert capped[0] == 1_200 and capped[-1] == 3_000  # the configured ratio 2:5, ending at the smaller sample
     np.testing.assert_allclose(1 / capped, np.linspace(1 / 1_200, 1 / 3_000, 10), rtol=1e-3)  # evenly spaced in 1/N
-    with pytest.raises(PipelineError, match="the smaller sample has 3 jets, too few for FPD batches from 20000 to 50000"):
+    with pytest.raises(ValueError, match="the smaller sample has 3 jets, too few for FPD batches from 20000 to 50000"):
         fpd_batch_sizes(3, 100, min_jets=20_000, max_jets=50_000, n_points=10)
 
 
@@ -414,9 +413,9 @@ def bad_sample(problem):
 def test_bad_samples_are_refused_with_a_message(problem, message):
     real, real_mask = random_jets(25, 5)
     generated, generated_mask = bad_sample(problem)
-    with pytest.raises(PipelineError, match=message):
+    with pytest.raises(ValueError, match=message):
         w1p(real, real_mask, generated, generated_mask, 1, 5, np.random.default_rng(0))
-    with pytest.raises(PipelineError, match=message):
+    with pytest.raises(ValueError, match=message):
         emd_matrix(generated, generated_mask, real, real_mask, n_jobs=1)
 
 
@@ -429,15 +428,15 @@ def test_nan_in_padded_rows_is_not_refused():
 def test_bad_features_and_settings_are_refused_with_a_message():
     rng = np.random.default_rng(27)
     features = rng.normal(size=(50, 3))
-    with pytest.raises(PipelineError, match="the real values have 3 columns and the generated 2"):
+    with pytest.raises(ValueError, match="the real values have 3 columns and the generated 2"):
         kpd(features, features[:, :2], n_batches=1, n_per_batch=10, rng=rng)
-    with pytest.raises(PipelineError, match="the generated values contain NaN"):
+    with pytest.raises(ValueError, match="the generated values contain NaN"):
         fpd(features, np.full((50, 3), np.nan), min_jets=10, max_jets=20, n_points=3, n_batches=1, rng=rng)
-    with pytest.raises(PipelineError, match="n_points=2 is too small; set it to at least 3"):
+    with pytest.raises(ValueError, match="n_points=2 is too small; set it to at least 3"):
         fpd(features, features, min_jets=10, max_jets=20, n_points=2, n_batches=1, rng=rng)
-    with pytest.raises(PipelineError, match="n_per_batch=0 is too small"):
+    with pytest.raises(ValueError, match="n_per_batch=0 is too small"):
         bootstrap_w1(features, features, 1, 0, rng)
-    with pytest.raises(PipelineError, match="a KPD batch drew a single distinct jet of a sample .1 real, 50 generated jets.: "
+    with pytest.raises(ValueError, match="a KPD batch drew a single distinct jet of a sample .1 real, 50 generated jets.: "
                                             "the MMD needs pairs of different jets"):
         kpd(features[:1], features, n_batches=1, n_per_batch=10, rng=rng)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.plots import QUANTITIES, format_metric, plot_comparison, plotted_values
-from pipeline.stage import PipelineError
+from pipeline.files import PipelineError
 
 CLASS_NAMES = ["g", "q", "t"]
 EXPECTED_FILES = (

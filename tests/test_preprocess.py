@@ -15,7 +15,7 @@ from jet_files import (
 from pipeline.jets import four_momentum_from_pt_y_phi
 from pipeline.preprocess import preprocess, split_counts
 from pipeline.sets import read_sets
-from pipeline.stage import PipelineError
+from pipeline.files import PipelineError
 
 N_MAX = 8  # below the fixtures' largest multiplicity (14), so truncation happens
 SPLITS = ("train", "val", "test")

@@ -11,7 +11,7 @@ from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit
 from pipeline.sample import SAMPLE_JET_FEATURES
 from pipeline.sets import read_sets, write_sets
-from pipeline.stage import PipelineError
+from pipeline.files import PipelineError
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
 TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.val_every=10", "train.checkpoint_every=10",

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from setdiff import VDM, ScoreNet, make_schedule, nelbo, sample, vdm_loss
+from setdiff import VDM, ScoreNet, make_schedule, vdm_loss
 from setdiff.schedules import SCHEDULES
-from setdiff.training import create_train_state, fit, init_params, make_optimizer, train_step
+from setdiff.training import create_train_state, init_params, make_optimizer, train_step
 
 N_MAX, DIM = 7, 3
 

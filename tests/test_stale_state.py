@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PROJECT_ROOT, TINY, run_stage
 from jet_files import processed_dataset, random_jets, write_root
-from pipeline.train import latest_checkpoint_step
+from pipeline.checkpoints import latest_checkpoint_step
 
 TRAIN = [*TINY, "train.val_every=3", "train.checkpoint_every=3", "train.val_jets=16"]
 

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, compose_config, free_port
 from jet_files import processed_dataset
-from pipeline.input_pipeline import SetsSplit, TrainBatches
+from pipeline.input_pipeline import SetsSplit, TrainBatches, batches_by_multiplicity, bucket_sizes
 from pipeline.model import build_vdm
-from pipeline.train import RESUMABLE_CHANGES, latest_checkpoint_step, load_checkpoint
+from pipeline.checkpoints import latest_checkpoint_step, load_checkpoint
+from pipeline.train import RESUMABLE_CHANGES
 from setdiff import init_params, make_optimizer, vdm_loss
 
 STEPS = 12
@@ -208,6 +209,22 @@ def test_multiplicity_windows_group_similar_sets_and_still_see_each_once_per_epo
     np.testing.assert_array_equal(grouped.epoch_batches(1), TrainBatches(split, 8, 0, 1, multiplicity_window=5).epoch_batches(1))
     assert not np.array_equal(grouped.epoch_batches(0), grouped.epoch_batches(1))
 
+
+def test_inference_batches_hold_every_row_once_cut_to_a_bucket_that_fits(processed):
+    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
+    rows = np.random.default_rng(0).choice(len(split), size=45, replace=False)
+    seen, widths = [], []
+    for positions, batch, n_used in batches_by_multiplicity(split, rows, batch_size=16):
+        assert batch["x"].shape[:2] == (16, n_used) and n_used in bucket_sizes(30)
+        real = rows[positions]
+        assert split.multiplicity[real].max() <= n_used  # no real particle is cut off
+        assert n_used == 30 or split.multiplicity[real].max() > n_used // 2  # the smallest bucket that fits
+        np.testing.assert_array_equal(batch["mask"][: len(positions)], split.mask[real, :n_used])
+        np.testing.assert_array_equal(batch["mask"][len(positions) :], split.mask[real[-1:].repeat(16 - len(positions)), :n_used])
+        seen += list(real)
+        widths.append(split.multiplicity[real].max())
+    assert sorted(seen) == sorted(rows)  # each row once
+    assert widths == sorted(widths)  # by multiplicity
 
 def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     port = free_port()
