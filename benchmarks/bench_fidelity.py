@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.config import pythia_shard_stem
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLASSES = ("g", "t")
 # The modelling choices compared (benchmarks/README.md). Every variant states every choice, so a
@@ -97,7 +99,7 @@ def prepare_data(args, out: Path) -> None:
     if (out / "data" / "processed" / "normalisation.json").is_file():
         return
     shards = [(name, shard) for name in CLASSES for shard in range(args.shards)
-              if not (out / "data" / "raw" / f"{name}_{shard:03d}.root").is_file()]
+              if not (out / "data" / "raw" / f"{pythia_shard_stem(name, shard)}.root").is_file()]
     running = []
     start = time.perf_counter()
     while shards or running:

@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_dir
 
 import pipeline
 
-from pipeline.preprocess import RootReader, chunk_plan, preprocess
+from pipeline.preprocess import chunk_plan, preprocess
+from pipeline.readers import RootReader
 
 CLASSES = ["g", "q", "t"]
 JETS_PER_BASKET = 10_000

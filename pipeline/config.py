@@ -123,6 +123,18 @@ class Source(Enum):
     qg = "qg"  # energyflow's quark/gluon jets, npz (Komiske, Metodiev, Thaler 2019)
 
 
+# Raw file names, used by the stages and the workflow's rules alike.
+def pythia_shard_stem(class_name: str, shard: int) -> str:
+    """The name of shard ``shard`` of class ``class_name`` from ``pipeline.generate``, without its
+    suffix: ``g_000`` (the jets ``g_000.root``, its config ``g_000.config.yaml``)."""
+    return f"{class_name}_{shard:03d}"
+
+
+def jetnet_file_name(labels, class_name: str) -> str:
+    """The JetNet file of ``class_name``: as ``data.labels`` names it, else JetNet's own ``<class>.hdf5``."""
+    return labels.get(class_name, f"{class_name}.hdf5")
+
+
 @dataclass
 class RemoteFile:
     """One file of a public dataset: where it lives under ``data.base_url`` and its checksum."""

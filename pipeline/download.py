@@ -71,7 +71,7 @@ import pooch
 import requests
 from tqdm import tqdm
 
-from .config import Config, DataConfig, RemoteFile, Source
+from .config import Config, DataConfig, RemoteFile, Source, jetnet_file_name
 from .files import PipelineError, atomic_output
 from .stage import stage
 
@@ -408,7 +408,7 @@ def needed_files(data: DataConfig) -> dict:
     ``data.class_names`` (a gluon-only experiment downloads only gluon jets); otherwise all of them."""
     if Source(data.source) != Source.jetnet:
         return dict(data.files)
-    wanted = {data.labels.get(name, f"{name}.hdf5") for name in data.class_names}
+    wanted = {jetnet_file_name(data.labels, name) for name in data.class_names}
     return {name: remote for name, remote in data.files.items() if name in wanted}
 
 

@@ -47,7 +47,7 @@ import uproot
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, pythia_shard_stem
 from .jets import azimuth, delta_r, invariant_mass, pseudorapidity, transverse_momentum
 from .files import PipelineError, atomic_output
 from .stage import stage
@@ -259,7 +259,7 @@ def write_root(path: Path, jets: ak.Array, class_name: str) -> None:
 
 
 def shard_path(raw_dir, class_name: str, shard: int) -> Path:
-    return Path(raw_dir) / f"{class_name}_{shard:03d}.root"
+    return Path(raw_dir) / f"{pythia_shard_stem(class_name, shard)}.root"
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -267,7 +267,7 @@ def main(cfg: Config) -> None:
     generator = cfg.data.generator
     class_names = [generator.class_name] if generator.class_name is not None else list(cfg.data.class_names)
     shards = [generator.shard] if generator.shard is not None else list(range(generator.n_shards))
-    config_file = "generate.config.yaml" if len(class_names) * len(shards) > 1 else f"{class_names[0]}_{shards[0]:03d}.config.yaml"
+    config_file = "generate.config.yaml" if len(class_names) * len(shards) > 1 else f"{pythia_shard_stem(class_names[0], shards[0])}.config.yaml"
     with stage("generate", cfg, output_dir=cfg.data.raw_dir, config_file=config_file) as raw_dir:
         unknown = sorted(set(class_names) - set(CLASSES))
         if unknown:
@@ -276,7 +276,7 @@ def main(cfg: Config) -> None:
             for shard in shards:
                 result = generate_shard(class_name, shard, cfg.seed, generator)
                 write_root(shard_path(raw_dir, class_name, shard), result["jets"], class_name)
-                prefix = f"{class_name}_{shard:03d}"
+                prefix = pythia_shard_stem(class_name, shard)
                 mlflow.log_metrics({
                     f"{prefix}.events": result["events"],
                     f"{prefix}.events_per_s": result["events"] / result["seconds"],

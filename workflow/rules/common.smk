@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from snakemake.utils import validate
 
 import pipeline
-from pipeline.config import SAFE_NAME, Source, check_names
+from pipeline.config import SAFE_NAME, Source, check_names, pythia_shard_stem
 
 CONFIG_SCHEMA = "workflow/schemas/config.schema.yaml"
 CONFIG_FILES = ", ".join(str(path) for path in workflow.configfiles)
@@ -217,10 +217,8 @@ def raw_files(wildcards):
     """The raw files a dataset's preprocessing reads: generated shards, or the download record."""
     data = CONFIGS[DATASETS[wildcards.dataset]].data
     if Source(data.source) == Source.pythia:
-        return expand(
-            "data/raw/{dataset}/{class_name}_{shard:03d}.root",
-            dataset=wildcards.dataset, class_name=data.class_names, shard=range(data.generator.n_shards),
-        )
+        return [f"data/raw/{wildcards.dataset}/{pythia_shard_stem(name, shard)}.root"
+                for name in data.class_names for shard in range(data.generator.n_shards)]
     return [f"data/raw/{wildcards.dataset}/download.json"]
 
 

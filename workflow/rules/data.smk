@@ -4,7 +4,7 @@
 
 rule generate:
     """Generate one shard of one jet class with Pythia 8 + FastJet (no internet needed)."""
-    output:
+    output:  # pipeline.config.pythia_shard_stem's name: <class>_<3-digit shard>.root
         "data/raw/{dataset}/{class_name}_{shard}.root",
     wildcard_constraints:
         class_name=r"[a-z]+",
