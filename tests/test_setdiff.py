@@ -294,3 +294,32 @@ def test_weight_decay_shrinks_weight_matrices_only(batch):
     for name, size in moved.items():
         matrix = name.endswith("['kernel']") or name.endswith("['embedding']") or "inducing" in name
         assert (size > 0) == matrix, name
+
+
+def test_attention_equals_flax_multi_head_attention_with_the_same_weights():
+    """The network's attention against ``flax.linen.MultiHeadDotProductAttention`` given the same
+    projections, padded keys hidden by the mask in both."""
+    import flax.linen as nn
+
+    from setdiff.networks import MultiHeadAttention
+
+    batch, n, width, heads = 3, 7, 16, 4
+    queries, keys_values = jax.random.normal(jax.random.PRNGKey(0), (2, batch, n, width))
+    mask = jnp.arange(n)[None, :] < jnp.array([7, 4, 1])[:, None]
+    ours = MultiHeadAttention(n_heads=heads)
+    params = ours.init(jax.random.PRNGKey(1), queries, keys_values, mask)["params"]
+    params = jax.tree.map(lambda leaf: leaf + 0.1 * jax.random.normal(jax.random.PRNGKey(2), leaf.shape), params)  # non-zero biases
+    split = (heads, width // heads)
+    key_kernel, value_kernel = jnp.split(params["key_value"]["kernel"], 2, axis=-1)
+    key_bias, value_bias = jnp.split(params["key_value"]["bias"], 2)
+    flax_params = {
+        "query": {"kernel": params["query"]["kernel"].reshape(width, *split), "bias": params["query"]["bias"].reshape(split)},
+        "key": {"kernel": key_kernel.reshape(width, *split), "bias": key_bias.reshape(split)},
+        "value": {"kernel": value_kernel.reshape(width, *split), "bias": value_bias.reshape(split)},
+        "out": {"kernel": params["out"]["kernel"].reshape(*split, width), "bias": params["out"]["bias"]},
+    }
+    reference = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width, out_features=width)
+    expected = reference.apply({"params": flax_params}, queries, keys_values, mask=nn.make_attention_mask(jnp.ones((batch, n), bool), mask))
+    got = ours.apply({"params": params}, queries, keys_values, mask)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, ours.apply({"params": params}, queries, keys_values), atol=1e-3)  # the mask mattered
