@@ -46,6 +46,26 @@ def test_sigterm_while_training_sets_up_ends_its_mlflow_run_killed(tmp_path, pro
     assert not (tmp_path / "train" / "config.yaml").exists()  # it describes outputs; there are none
 
 
+def test_sigusr1_in_the_training_loop_saves_the_step_reached_and_the_next_run_resumes_there(tmp_path, processed):
+    """SLURM's warning before the time limit (``--signal=USR1``): save, end the run KILLED, resume later."""
+    process = start_training(tmp_path, processed, "train.steps=100000")
+    deadline = time.monotonic() + 300
+    while latest_checkpoint_step(tmp_path / "train") is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first checkpoint (step 3) means the loop is running
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGUSR1, stderr
+    stopped_at = latest_checkpoint_step(tmp_path / "train")
+    assert 3 <= stopped_at < 100000
+    run_id = (tmp_path / "train" / "mlflow_run_id").read_text().strip()
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    resumed = run_stage("train", f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, f"train.steps={stopped_at + 3}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from the checkpoint of step {stopped_at}" in resumed.stdout
+    assert latest_checkpoint_step(tmp_path / "train") == stopped_at + 3
+
+
 def test_running_a_finished_training_again_keeps_its_best_val_nelbo(tmp_path, processed):
     first = run_stage("train", f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, "train.steps=6")
     assert first.returncode == 0, first.stderr
