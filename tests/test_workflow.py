@@ -111,6 +111,7 @@ def test_bad_workflow_config_is_refused_in_one_sentence(tmp_path):
         ("experiments:\n  nosuch: []\n", "experiment nosuch uses the preset nosuch, which does not exist"),
         ("experiments:\n  demo: [model.d_modle=3]\n", "Could not override 'model.d_modle': Key 'd_modle' not in 'ModelConfig'"),
         ("experiments:\n  demo: [model=nosuch]\n", "Could not find 'model/nosuch' Available options in 'model': base large small"),
+        ("experiments:\n  demo: ['train.steps=(5']\n", "'train.steps=(5' is not a Hydra override"),
     ]:
         (tmp_path / "workflow" / "config.yaml").write_text(config)
         assert_refused(snakemake("--cores", "1", "-n", cwd=tmp_path), message)

@@ -58,10 +58,18 @@ wildcard_constraints:
 STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
 
 
+# Every override of the workflow config is read by Hydra's own parser, as the stages will read it.
+OVERRIDES_PARSER = OverridesParser.create()
+
+
 def override_group(override):
-    """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``."""
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key.split("@", 1)[0].split(".", 1)[0]
+    """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``
+    or ``model@x=small``, ``seed`` for ``~seed``."""
+    try:
+        parsed = OVERRIDES_PARSER.parse_override(override)
+    except HydraException as error:
+        refuse(f"{override!r} is not a Hydra override ({' '.join(str(error).split())}); fix it in the workflow config.")
+    return parsed.key_or_group.split(".", 1)[0]
 
 
 def with_preset(name, overrides):
@@ -76,7 +84,7 @@ def sweep_experiments(sweep, overrides):
     values (Hydra's multirun syntax: ``a=1,2``, ``range(...)``, ``choice(...)``) in the order Hydra's
     multirun would run them, each logging to the MLflow experiment ``<sweep>`` unless it sets ``name``."""
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OVERRIDES_PARSER.parse_overrides(overrides)
     except OverrideParseException as error:
         refuse(f"sweep {sweep}: {error}")
     choices = []
