@@ -2,8 +2,8 @@
 
     python benchmarks/bench_setdiff.py [--batch 64] [--repeats 5]
 
-Jet-like sets (3 features, all elements real) at 30 and 150 elements, the `small` and `base` model
-widths, full masked self-attention versus ISAB with 16 inducing points. Times exclude compilation
+Jet-like sets (3 features, all elements real) at 30 and 150 elements, the `small` and `base` models
+of the pipeline's config (``model=small``, ``model=base``), full masked self-attention versus ISAB with 16 inducing points. Times exclude compilation
 (one warm-up call first) and are the median of ``--repeats`` timed calls.
 """
 
@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hydra import compose, initialize_config_dir
 
-from setdiff import VDM, ScoreNet, create_train_state, make_optimizer, make_schedule, sample, train_step
-
-MODELS = {"small": dict(d_model=64, n_layers=2, n_heads=4), "base": dict(d_model=128, n_layers=4, n_heads=4)}
+import pipeline
+from pipeline.model import build_vdm
+from setdiff import create_train_state, make_optimizer, sample, train_step
 
 
 def median_seconds(fn, repeats: int, min_seconds: float = 1.0) -> float:
@@ -35,7 +37,9 @@ def median_seconds(fn, repeats: int, min_seconds: float = 1.0) -> float:
 
 
 def measure(model_name: str, n_max: int, n_inducing: int, batch: int, repeats: int) -> dict:
-    model = VDM(ScoreNet(**MODELS[model_name], n_classes=3, n_inducing=n_inducing), make_schedule("learned_linear"), data_dim=3)
+    with initialize_config_dir(str(Path(pipeline.__file__).parent / "conf"), version_base="1.3"):
+        model_config = compose("config", overrides=[f"model={model_name}", f"model.n_inducing={n_inducing}"]).model
+    model = build_vdm(model_config, data_dim=3, n_classes=3)
     rng = np.random.default_rng(0)
     data = {
         "x": jnp.asarray(rng.normal(size=(batch, n_max, 3)), jnp.float32),
@@ -61,7 +65,7 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}")
     print("| model | n_max | attention | train sets/s | DDIM-20 sets/s |")
     print("|---|---|---|---|---|")
-    for model_name in MODELS:
+    for model_name in ("small", "base"):
         for n_max in (30, 150):
             for n_inducing in (0, 16):
                 result = measure(model_name, n_max, n_inducing, args.batch, args.repeats)

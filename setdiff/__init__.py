@@ -2,7 +2,8 @@
 
 A generic library: it knows nothing of jets, files, MLflow or Hydra. The whole public API::
 
-    model = VDM(ScoreNet(d_model=128, n_classes=3), make_schedule("learned_linear"), data_dim=3)
+    net = ScoreNet(d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, conditioning="adaln", n_classes=3)
+    model = VDM(net, make_schedule("learned_linear"), data_dim=3, parameterization="v")
     params = init_params(model, rng, batch)                      # batch = {"x", "mask", "labels"}
     loss, terms = vdm_loss(model, params, rng, x, mask, labels)  # bits per dimension
     samples = sample(model, params, rng, mask, labels, steps=50, sampler="heun")

@@ -109,8 +109,8 @@ class SetAttentionBlock(nn.Module):
 
     n_heads: int
     mlp_hidden: int
+    conditioning: str
     n_inducing: int = 0
-    conditioning: str = "additive"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -164,6 +164,9 @@ class ElementwiseResidualMLP(nn.Module):
 class ScoreNet(nn.Module):
     """Transformer noise predictor ``eps_hat(z_t, t, mask, labels, context)``.
 
+    The architecture has no defaults here: its user chooses it (the pipeline's choices are
+    ``pipeline.config.ModelConfig``).
+
     Attributes:
       d_model: width of the residual stream.
       n_layers, n_heads, mlp_ratio: transformer depth, heads and MLP width (``mlp_ratio * d_model``).
@@ -175,13 +178,13 @@ class ScoreNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
 
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: int = 4
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: int
+    conditioning: str
     n_classes: int = 0
     n_inducing: int = 0
-    conditioning: str = "additive"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -223,7 +226,8 @@ class ScoreNet(nn.Module):
         h = rowwise(nn.Dense(self.d_model, dtype=self.dtype, name="embed"), z.astype(self.dtype))
         for i in range(self.n_layers):
             h = SetAttentionBlock(
-                self.n_heads, self.mlp_ratio * self.d_model, self.n_inducing, self.conditioning, dtype=self.dtype, name=f"block_{i}"
+                n_heads=self.n_heads, mlp_hidden=self.mlp_ratio * self.d_model, conditioning=self.conditioning,
+                n_inducing=self.n_inducing, dtype=self.dtype, name=f"block_{i}",
             )(h, mask, cond)
         h = rowwise(nn.LayerNorm(dtype=self.dtype), h)
         eps_hat = rowwise(nn.Dense(z.shape[-1], kernel_init=nn.initializers.zeros, name="output"), h)

@@ -96,10 +96,10 @@ class VDM(nn.Module):
     score_net: ScoreNet
     schedule: nn.Module
     data_dim: int
+    parameterization: str
     timesteps: int = 0
     cond_drop_prob: float = 0.0
     latent_dim: int = 0
-    parameterization: str = "eps"
     loss_weighting: str = "elbo"
     sigmoid_bias: float = 0.0
 

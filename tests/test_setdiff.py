@@ -13,8 +13,8 @@ N_MAX, DIM = 7, 3
 
 
 def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive"):
-    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=n_classes, n_inducing=n_inducing, conditioning=conditioning)
-    return VDM(net, make_schedule(schedule), data_dim=DIM, timesteps=timesteps, latent_dim=latent_dim)
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing, conditioning=conditioning)
+    return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
 @pytest.fixture
@@ -217,8 +217,8 @@ def test_data_parallel_step_matches_single_device(n_shards):
         "mask": jnp.asarray(mask),
         "labels": jnp.asarray(rng.integers(0, 3, size=8), jnp.int32),
     }
-    model = VDM(ScoreNet(d_model=16, n_layers=1, n_heads=2, n_classes=3), make_schedule("learned_linear"),
-                data_dim=DIM, cond_drop_prob=0.5)
+    net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3)
+    model = VDM(net, make_schedule("learned_linear"), data_dim=DIM, parameterization="eps", cond_drop_prob=0.5)
     optimizer = make_optimizer(1e-2, total_steps=10)
     state = create_train_state(model, jax.random.key(0), batch, optimizer)
     step_rng = jax.random.key(1)
@@ -244,7 +244,7 @@ def test_v_prediction_gives_the_noise_of_pure_noise_and_keeps_padding_at_zero(ba
     """With v-prediction ``eps_hat = sigma_t z + alpha_t v_hat``: at initialisation (``v_hat = 0``)
     the noise prediction is ``sigma_t z``, exact at t -> 1 where z is all noise; padded elements stay
     zero, and the bound is the same kind of number as with eps-prediction."""
-    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3)
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=3)
     model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v")
     params = init_params(model, jax.random.key(0), batch)
     z = jnp.asarray(np.random.default_rng(1).normal(size=batch["x"].shape), jnp.float32) * batch["mask"][..., None]
@@ -265,8 +265,8 @@ def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_e
     the two agree, at an almost clean one the weighted term is tiny; the unweighted term (what
     validation reports) does not depend on the weighting."""
     def terms(weighting, t):
-        net = ScoreNet(d_model=32, n_layers=2, n_heads=4, n_classes=3)
-        model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, loss_weighting=weighting, sigmoid_bias=0.0)
+        net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=3)
+        model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="eps", loss_weighting=weighting, sigmoid_bias=0.0)
         params = perturbed(init_params(model, jax.random.key(0), batch))
         return model.apply(params, batch["x"], batch["mask"], batch["labels"], t=jnp.full((4,), t),
                            rngs={"diffusion": jax.random.key(3)})

@@ -13,9 +13,10 @@ BATCH = 64
 
 def train(make_batch, n_classes=0):
     model = VDM(
-        ScoreNet(d_model=64, n_layers=2, n_heads=4, n_classes=n_classes),
+        ScoreNet(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=n_classes),
         make_schedule("fixed_linear"),
         data_dim=2,
+        parameterization="eps",
         cond_drop_prob=0.1 if n_classes else 0.0,
     )
     state = fit(model, make_batch, TRAIN_STEPS, jax.random.key(0), learning_rate=2e-3)
