@@ -57,21 +57,23 @@ def decays(params):
 
 
 def init_params(model: VDM, rng, batch: dict):
-    """Initialise the model's variables from an example ``batch`` (see ``train_step``)."""
+    """Initialise the model's variables from an example ``batch`` (see ``train_step``).
+
+    Compiled as one program: run eagerly, every one of the initialisation's hundreds of operations
+    would be compiled on its own, which takes seconds."""
     params_rng, diffusion_rng = jax.random.split(rng)
-    return model.init(
-        {"params": params_rng, "diffusion": diffusion_rng},
-        batch["x"],
-        batch["mask"],
-        batch.get("labels"),
-        batch.get("context"),
-    )
+    inputs = (batch["x"], batch["mask"], batch.get("labels"), batch.get("context"))
+    return jax.jit(model.init)({"params": params_rng, "diffusion": diffusion_rng}, *inputs)
 
 
 def create_train_state(model: VDM, rng, batch: dict, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh ``TrainState``; the EMA starts equal to the parameters."""
-    params = init_params(model, rng, batch)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=optimizer.init(params))
+
+    def fresh_state(rng, batch):
+        params = init_params(model, rng, batch)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=optimizer.init(params))
+
+    return jax.jit(fresh_state)(rng, batch)
 
 
 def train_step(
