@@ -22,6 +22,7 @@ not. KPD leaves out the pairs of one jet drawn twice, so its repeats bias nothin
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import energyflow
@@ -147,8 +148,10 @@ def _relative_jet_mass(particles: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return jet_from_relative_particles(eta_rel, phi_rel, pt_rel, mask)["mass"]
 
 
-def _efp_set(efpset_args) -> energyflow.EFPSet:
-    """EFPs with the hadronic measure, beta = 1, not normalised, as JetNet computes them."""
+@functools.lru_cache
+def _efp_set(efpset_args: tuple) -> energyflow.EFPSet:
+    """EFPs with the hadronic measure, beta = 1, not normalised, as JetNet computes them (built
+    once per selection: energyflow reads its graph file each time, a fifth of a second)."""
     return energyflow.EFPSet(*efpset_args, measure="hadr", beta=1, normed=None, coords="ptyphim")
 
 
@@ -196,7 +199,7 @@ def _efp_chunk(particles: np.ndarray, mask: np.ndarray, connected, factors) -> n
 
 def energy_flow_polynomials(particles, mask, efpset_args=FPD_EFP_GRAPHS, chunk_elements: int = 2**22) -> np.ndarray:
     """Energy flow polynomials (Komiske, Metodiev, Thaler 2018, arXiv:1712.07124, eq. 2.7) per jet,
-    ``[n_jets, n_efps]``, of the graphs ``efpset_args`` selects (``energyflow.EFPSet`` arguments; the
+    ``[n_jets, n_efps]``, of the graphs ``efpset_args`` selects (a tuple of ``energyflow.EFPSet`` arguments; the
     default gives the 36 EFPs of degree at most 4 that FPD and KPD use, arXiv:2211.10295).
 
     Hadronic measure with beta = 1, unnormalised, as JetNet: an EFP with n vertices and d edges is
