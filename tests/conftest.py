@@ -1,3 +1,4 @@
+import collections
 import os
 import shutil
 import socket
@@ -19,10 +20,28 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def pytest_collection_modifyitems(items):
+    """Modules run in the order of how many slow tests they hold, most first: pytest-xdist hands
+    out whole modules in this order (``--dist loadfile --no-loadscope-reorder``), and a slow one
+    handed out last would leave the other workers idle while it runs."""
+    slow_tests = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])
+
+
+@pytest.fixture(scope="session")
+def empty_tracking_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store whose tables exist: making them takes seconds, copying the file not."""
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(tmp_path, monkeypatch):
-    """Every test logs to its own sqlite store, never to the project's mlflow.db."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def isolated_tracking(tmp_path_factory, monkeypatch, empty_tracking_store):
+    """Every test logs to its own sqlite store (a copy of an empty one), never to the project's mlflow.db."""
+    store = tmp_path_factory.mktemp("tracking") / "mlflow.db"  # beside the test's tmp_path, not in it
+    shutil.copyfile(empty_tracking_store, store)
+    uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PIPELINE_EXECUTION_ID", "unset")  # recorded, so teardown removes what a stage exports
     monkeypatch.delenv("PIPELINE_EXECUTION_ID")
@@ -52,6 +71,8 @@ TINY = [
 
 def compose_config(*overrides: str):
     """The config a stage composes from these overrides, for calling a stage's code in-process."""
+    import pipeline.config  # noqa: F401  (registers the schema the config's defaults list names)
+
     with initialize_config_dir(str(PROJECT_ROOT / "pipeline" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 

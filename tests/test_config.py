@@ -1,17 +1,23 @@
 """Hydra configuration: presets, overrides, sweeps, saved configs, and refusal of bad input."""
 
+import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
-import mlflow
+from omegaconf import OmegaConf
 
-from conftest import TINY, run_stage
+from conftest import TINY, compose_config, run_stage
 
 
 def composed(tmp_path, *overrides):
-    """The job config a stage would run with (``--cfg job`` prints it and runs nothing)."""
-    result = run_stage("toy", f"results_dir={tmp_path}", *overrides, "--cfg", "job", "--resolve")
+    """The job config a stage would run with, composed in-process as the stage composes it."""
+    return OmegaConf.to_container(compose_config(f"results_dir={tmp_path}", *overrides), resolve=True, enum_to_str=True)
+
+
+def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    result = run_stage("toy", f"results_dir={tmp_path}", "train.steps=200", "--cfg", "job", "--resolve")
     assert result.returncode == 0, result.stderr
-    return yaml.safe_load(result.stdout)
+    assert yaml.safe_load(result.stdout) == composed(tmp_path, "train.steps=200")
+    assert not list(tmp_path.iterdir())
 
 
 def test_default_experiment_is_the_demo_preset(tmp_path):

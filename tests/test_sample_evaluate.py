@@ -74,6 +74,7 @@ def test_sampling_without_a_trained_model_says_what_to_do(tmp_path, trained):
     assert "train the model first" in result.stderr and not (tmp_path / "sample" / "samples.h5").exists()
 
 
+@pytest.mark.slow
 def test_evaluation_scores_every_class_with_the_truth_floor_beside_it(trained):
     results, processed = trained
     sampled = run_stage("sample", *stage_args(results, processed, "sample.n_jets=60", "sample.steps=3"))

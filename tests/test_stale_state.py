@@ -46,6 +46,7 @@ def test_sigterm_while_training_sets_up_ends_its_mlflow_run_killed(tmp_path, pro
     assert not (tmp_path / "train" / "config.yaml").exists()  # it describes outputs; there are none
 
 
+@pytest.mark.slow
 def test_sigusr1_in_the_training_loop_saves_the_step_reached_and_the_next_run_resumes_there(tmp_path, processed):
     """SLURM's warning before the time limit (``--signal=USR1``): save, end the run KILLED, resume later."""
     process = start_training(tmp_path, processed, "train.steps=100000")
@@ -66,6 +67,7 @@ def test_sigusr1_in_the_training_loop_saves_the_step_reached_and_the_next_run_re
     assert latest_checkpoint_step(tmp_path / "train") == stopped_at + 3
 
 
+@pytest.mark.slow
 def test_running_a_finished_training_again_keeps_its_best_val_nelbo(tmp_path, processed):
     first = run_stage("train", f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, "train.steps=6")
     assert first.returncode == 0, first.stderr

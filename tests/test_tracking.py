@@ -268,6 +268,7 @@ def test_experiment_created_by_a_racing_process_is_reused(store, monkeypatch):
     assert len(lookups) == 2
 
 
+@pytest.mark.slow
 def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a_team_server(tmp_path):
     """`mlflow ui --backend-store-uri sqlite:///mlflow.db` as the README shows it (on a free port), and
     a stage pointed at it with MLFLOW_TRACKING_URI=http://...: the run, its metrics and its config

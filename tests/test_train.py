@@ -98,6 +98,7 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, proc
     assert "train.batch_size=6" in result.stderr and "4 devices" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_to_the_same_parameters(tmp_path, processed):
     long = ["train.steps=300", "train.checkpoint_every=1000", "train.val_every=1000"]
     uninterrupted = train(tmp_path / "uninterrupted", processed, *long)
@@ -122,6 +123,7 @@ def test_sigterm_saves_and_the_same_command_resumes_to_the_same_parameters(tmp_p
     assert resumed_runs["status"].iloc[0] == "FINISHED"
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_is_refused_and_more_steps_continue(tmp_path, processed):
     assert train(tmp_path, processed, "train.steps=2").returncode == 0
     result = train(tmp_path, processed, "train.steps=4", "model.d_model=32")
@@ -133,6 +135,7 @@ def test_resuming_with_other_settings_is_refused_and_more_steps_continue(tmp_pat
     assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_its_step_and_a_lower_learning_rate_resumes_from_the_last_good_checkpoint(tmp_path, processed):
     assert train(tmp_path, processed, "train.steps=6", "train.learning_rate=0.002").returncode == 0  # checkpoint 6
     result = train(tmp_path, processed, "train.learning_rate=1e30")  # step 7 throws the parameters far away
@@ -226,6 +229,7 @@ def test_inference_batches_hold_every_row_once_cut_to_a_bucket_that_fits(process
     assert sorted(seen) == sorted(rows)  # each row once
     assert widths == sorted(widths)  # by multiplicity
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     port = free_port()
     processes = [

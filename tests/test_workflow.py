@@ -151,6 +151,7 @@ def test_every_path_in_a_shell_command_is_quoted():
         assert "{log:q}" in command
 
 
+@pytest.mark.slow
 def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     """A real `snakemake --cores 2` in a copy of the workflow, with a tiny model."""
     config = copy_workflow(tmp_path)
@@ -193,9 +194,10 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_mlflow(tmp_path):
     """Two learning rates as a sweep. A target file runs only what it needs; a stage run by hand
-    writes the file the workflow writes; then the whole sweep runs, and its points share one
+    writes the file the workflow writes; then both points are evaluated, and they share one
     MLflow experiment in which each evaluate run carries the train params beside the metrics."""
     copy_workflow(tmp_path)
     point = ["experiment=demo", *TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40",
@@ -211,7 +213,8 @@ def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_ml
     assert by_hand.returncode == 0, by_hand.stderr
     samples = tmp_path / "results/lr_0/sample/samples.h5"
     written_by_hand = read_sets(samples)
-    result = snakemake("--cores", "2", "--forcerun", "sample", cwd=tmp_path)
+    evaluations = [f"results/{name}/evaluate/metrics.json" for name in ("lr_0", "lr_1")]  # `all` adds the toy check
+    result = snakemake("--cores", "2", "--forcerun", "sample", *evaluations, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     written_by_workflow = read_sets(samples)
     for key in ("particles", "mask", "labels", "jets"):
@@ -241,11 +244,13 @@ def training_process(folder) -> int:
     raise AssertionError("no training process found")
 
 
+@pytest.mark.slow
 def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path):
     """The training job is killed outright (SIGKILL: a lost node, the OOM killer); the same command
     again continues training from the last checkpoint, in the same MLflow run."""
     copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=1500", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
-    process = subprocess.Popen(["snakemake", "--cores", "2"], cwd=tmp_path, env=os.environ,
+    trained = "results/demo/train/checkpoint.json"  # the stages after training have nothing to show here
+    process = subprocess.Popen(["snakemake", "--cores", "2", trained], cwd=tmp_path, env=os.environ,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "results/demo/train/checkpoints/latest"
     deadline = time.monotonic() + 300
@@ -257,11 +262,11 @@ def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path)
     assert not (tmp_path / "results/demo/train/checkpoint.json").exists()
     saved = max(int(path.name) for path in latest.iterdir() if path.name.isdigit())
 
-    result = snakemake("--cores", "2", cwd=tmp_path)
+    result = snakemake("--cores", "2", trained, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     log = (tmp_path / "results/demo/logs/train.log").read_text()
     first_logged = int(re.search(r"train: step (\d+)/", log).group(1))
     assert first_logged > saved >= 25  # continued from the checkpoint, not from step 0
-    assert json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())["step"] == 1500
+    assert json.loads((tmp_path / trained).read_text())["step"] == 1500
     train_runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'train'")
     assert len(train_runs) == 1 and train_runs["status"].iloc[0] == "FINISHED"  # the same MLflow run, continued
