@@ -1,5 +1,7 @@
 """Jet-generation metrics: analytic values, invariances, agreement with energyflow, refusal of bad input."""
 
+from pathlib import Path
+
 import energyflow
 import numpy as np
 import pytest
@@ -479,3 +481,40 @@ def test_unphysical_fractions_count_particles_out_of_reach_and_jets_with_too_muc
     assert fractions["pt_rel_sum_over"] == pytest.approx(1 / 2)
     mask[0, 1] = mask[1, 1] = False  # the far particle and the excess momentum are padding now
     assert pipeline.metrics.unphysical_fractions(particles, mask) == {"far_particles": 0.0, "pt_rel_sum_over": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden values: what the JetNet library computes on the same jets (tests/data/make_jetnet_golden.py)
+
+
+@pytest.fixture(scope="module")
+def jetnet_golden():
+    with np.load(Path(__file__).parent / "data" / "jetnet_golden.npz") as stored:
+        return dict(stored)
+
+
+def test_fpd_and_kpd_features_and_their_scaling_are_jetnets(jetnet_golden):
+    golden = jetnet_golden
+    features = {side: energy_flow_polynomials(golden[f"{side}_particles"], golden[f"{side}_mask"]) for side in ("real", "generated")}
+    for side, values in features.items():
+        np.testing.assert_allclose(values, golden[f"{side}_features"], rtol=1e-5, atol=1e-12, err_msg=side)  # float32 jets
+    scaled = scale_by_real_maximum(golden["real_features"], golden["generated_features"])
+    np.testing.assert_allclose(scaled[0], golden["real_scaled"], rtol=1e-12)
+    np.testing.assert_allclose(scaled[1], golden["generated_scaled"], rtol=1e-12)
+
+
+def test_the_frechet_distance_and_polynomial_mmd_of_whole_samples_are_jetnets(jetnet_golden):
+    real, generated = jetnet_golden["real_scaled"], jetnet_golden["generated_scaled"]
+    distance = frechet_distance(real.mean(axis=0), np.cov(real, rowvar=False), generated.mean(axis=0), np.cov(generated, rowvar=False))
+    np.testing.assert_allclose(distance, jetnet_golden["frechet_distance"], rtol=1e-6)
+    np.testing.assert_allclose(polynomial_mmd_squared(real, generated), jetnet_golden["polynomial_mmd_squared"], rtol=1e-9)
+
+
+def test_coverage_and_mmd_of_one_batch_are_jetnets(jetnet_golden):
+    n = 60  # the jets JetNet's cov_mmd scored, the first of each sample
+    golden = jetnet_golden
+    distances = emd_matrix(golden["generated_particles"][:n], golden["generated_mask"][:n],
+                           golden["real_particles"][:n], golden["real_mask"][:n])
+    coverage, mmd = coverage_and_mmd(distances)
+    assert coverage == pytest.approx(float(golden["coverage"]), abs=1e-12)
+    assert mmd == pytest.approx(float(golden["mmd"]), rel=1e-9)
