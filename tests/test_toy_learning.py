@@ -11,13 +11,15 @@ TRAIN_STEPS = 1000
 BATCH = 64
 
 
-def train(make_batch, n_classes=0):
+def train(make_batch, n_classes=0, n_inducing=0, latent_dim=0):
     model = VDM(
-        ScoreNet(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=n_classes),
+        ScoreNet(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=n_classes,
+                 n_inducing=n_inducing),
         make_schedule("fixed_linear"),
         data_dim=2,
         parameterization="eps",
         cond_drop_prob=0.1 if n_classes else 0.0,
+        latent_dim=latent_dim,
     )
     state = fit(model, make_batch, TRAIN_STEPS, jax.random.key(0), learning_rate=2e-3)
     return model, state.ema_params
@@ -35,7 +37,7 @@ def ring_model():
     return train(lambda step: square_ring_sets(data_rng, BATCH), n_classes=3)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20), ("heun", 10)])
 def test_samples_land_inside_the_square(square_model, sampler, steps):
     model, params = square_model
     mask = square_sets(np.random.default_rng(1), 256)["mask"]
@@ -54,11 +56,29 @@ def own_ring_fraction(model, params, sampler, steps, guidance_scale=0.0):
     return np.mean(ring == wanted)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20)])
+@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20), ("heun", 10)])
 def test_class_conditional_samples_land_in_their_own_ring(ring_model, sampler, steps):
     own = own_ring_fraction(*ring_model, sampler, steps)
     # Chance for a point spread over the square: ring areas are 1/9, 3/9, 5/9 of it, 1/3 on average.
     assert own >= 0.65, f"{sampler}: only {own:.1%} of points in their own ring (chance is about 33%)"
+
+
+LATENT_DIFFUSION_COLLAPSES = pytest.mark.xfail(strict=True, reason=(
+    "known defect: trained jointly with its encoder and decoder, the latent model's samples collapse "
+    "towards the centre of the square (spread 0.18 against the data's 0.48 after 1000 steps), so "
+    "classes are not told apart"))
+
+
+@pytest.mark.parametrize("n_inducing, latent_dim", [(4, 0), pytest.param(0, 4, marks=LATENT_DIFFUSION_COLLAPSES)],
+                         ids=["induced attention", "latent diffusion"])
+def test_induced_attention_and_latent_diffusion_learn_the_rings(n_inducing, latent_dim):
+    """The same task through ISAB (4 inducing points instead of full attention) and through an
+    element-wise encoder into a 4-wide latent, diffused there and decoded. Latent diffusion fails it
+    today (strict: the test says so when it starts to pass)."""
+    data_rng = np.random.default_rng(0)
+    model, params = train(lambda step: square_ring_sets(data_rng, BATCH), n_classes=3, n_inducing=n_inducing, latent_dim=latent_dim)
+    own = own_ring_fraction(model, params, "ddim", 20)
+    assert own >= 0.65, f"only {own:.1%} of points in their own ring (chance is about 33%)"
 
 
 def test_guidance_mixes_in_the_unconditional_model_learned_by_dropout(ring_model):
