@@ -11,6 +11,7 @@ from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit
 from pipeline.sample import SAMPLE_JET_FEATURES
 from pipeline.sets import read_sets, write_sets
+from pipeline.checkpoints import load_checkpoint
 from pipeline.files import PipelineError
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
@@ -135,3 +136,22 @@ def test_a_generated_file_cannot_feed_a_context_conditioned_model(trained, tmp_p
     assert len(SetsSplit(tmp_path / "generated.h5", processed / "normalisation.json", use_context=False)) == len(test["labels"])
     with pytest.raises(PipelineError, match="relative jet features"):
         SetsSplit(tmp_path / "generated.h5", processed / "normalisation.json", use_context=True)
+
+
+def test_a_model_conditioned_on_jet_features_trains_and_samples_with_each_test_jets_context(tmp_path, trained):
+    """``model.use_jet_context=true`` end to end: the network gets a context embedding, and sampling
+    with ``sample.masks=test`` takes each test jet's multiplicity and context once."""
+    _, processed = trained
+    with_context = ["model.use_jet_context=true"]
+    result = run_stage("train", *stage_args(tmp_path, processed, *with_context))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "train" / "checkpoint.json").read_text())
+    params = load_checkpoint(summary["latest"])["params"]
+    assert "context_embedding" in params["params"]["score_net"]
+    result = run_stage("sample", *stage_args(tmp_path, processed, *with_context, "sample.n_jets=1000", "sample.steps=2",
+                                             "sample.masks=test"))
+    assert result.returncode == 0, result.stderr
+    samples, test = read_sets(tmp_path / "sample" / "samples.h5"), read_sets(processed / "test.h5")
+    for label in range(3):
+        assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
+    assert np.isfinite(samples["particles"]).all()
