@@ -243,7 +243,6 @@ def training_data(wildcards):
     return [f"{processed}/train.h5", f"{processed}/val.h5", f"{processed}/normalisation.json"]
 
 
-
 def sample_settings(wildcards):
     """What a sample file depends on besides the checkpoint: the sampler settings and the data."""
     cfg = CONFIGS[wildcards.experiment]

@@ -19,15 +19,16 @@ rule generate:
     resources:
         mem_mb=2000,
         runtime=120,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.generate {params.hydra} data.generator.class_name={wildcards.class_name:q}"
         " data.generator.shard={params.shard} > {log:q} 2>&1"
 
 
 rule download:
-    """Download a public dataset's raw files (and verify their checksums)."""
+    """Download a public dataset's raw files (and verify their checksums). A local rule (see the
+    Snakefile). Not marked `cache:`: Snakemake's output cache keeps declared outputs only, and the raw
+    files are listed in download.json, not declared; pooch already skips files that are present
+    and match their checksum, so a rerun downloads nothing."""
     output:
         "data/raw/{dataset}/download.json",
     params:
@@ -38,8 +39,6 @@ rule download:
     resources:
         mem_mb=1000,
         runtime=600,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.download {params.hydra} > {log:q} 2>&1"
 
@@ -62,7 +61,5 @@ rule preprocess:
     resources:
         mem_mb=4000,
         runtime=240,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.preprocess {params.hydra} > {log:q} 2>&1"

@@ -20,8 +20,6 @@ rule sample:
         mem_mb=8000,
         runtime=240,
         gpu=0,  # profiles for GPU clusters set this (workflow/profiles/slurm)
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.sample {params.hydra} > {log:q} 2>&1"
 
@@ -59,8 +57,6 @@ rule evaluate:
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.evaluate {params.hydra} evaluate.emd_jobs={threads} > {log:q} 2>&1"
 
@@ -82,7 +78,5 @@ rule likelihood:
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.likelihood {params.hydra} > {log:q} 2>&1"

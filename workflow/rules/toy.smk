@@ -11,7 +11,5 @@ rule toy:
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m pipeline.toy {params.hydra} > {log:q} 2>&1"

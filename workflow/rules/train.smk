@@ -28,7 +28,5 @@ rule train:
         tasks=lambda wildcards: training_processes(wildcards)[1],
         mpi=lambda wildcards: "srun" if training_processes(wildcards)[1] > 1 else "",
         tasks_per_gpu=0,  # no --ntasks-per-gpu: the tasks above are the processes
-    conda:
-        "../../environment.yml"
     shell:
         "{params.launcher}python -m pipeline.train {params.hydra} > {log:q} 2>&1"
