@@ -18,6 +18,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # they compile the same small programs again and again, and a cached one loads in milliseconds.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jet-setdiff-tests-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Module-scoped fixtures run stages before any test's own store exists (isolated_tracking): they log
+# to a store of this test process, never to the project's mlflow.db or a team's server.
+FIXTURE_TRACKING_URI = f"sqlite:///{tempfile.mkdtemp(prefix='jet-setdiff-tests-')}/mlflow.db"
+os.environ["MLFLOW_TRACKING_URI"] = FIXTURE_TRACKING_URI
 
 
 def pytest_collection_modifyitems(items):
