@@ -37,7 +37,6 @@ every checkpoint, so a resume compares against the settings in use).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -67,7 +66,20 @@ from .tracking import STOP_SIGNALS, Interrupted, flatten_config, received_stop_s
 AXIS = "devices"
 
 
-logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+class TrainingPace:
+    """Seconds per training step in this run so far (validation and checkpoints not counted), and
+    the time the remaining steps will take at that pace."""
+
+    def __init__(self):
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, steps: int, seconds: float) -> None:
+        self.steps += steps
+        self.seconds += seconds
+
+    def eta(self, remaining_steps: int) -> str:
+        """``h:mm:ss`` or ``mm:ss``, as tqdm's bar writes it."""
+        return tqdm.format_interval(remaining_steps * self.seconds / max(self.steps, 1))
 
 
 # Settings that may change when a run is resumed. The data's location and the cadences leave the
@@ -213,6 +225,7 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     n_local = jax.local_device_count()
     interactive = progress and sys.stderr.isatty()
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked and logged
+    progress = TrainingPace()
     stop = threading.Event()
     upcoming = in_background(((step, batches(step)) for step in range(start_step, train_cfg.steps)), stop)
 
@@ -243,14 +256,18 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
                 )
         last_step = pending[-1][0] + 1
         values = {name: float(value) for name, value in fetched[-1].items()}
+        # One batch's loss swings with the noise levels it drew; the mean since the last line shows the trend.
+        values["loss_bpd_smoothed"] = float(np.mean([float(metrics["loss_bpd"]) for metrics in fetched]))
         values["learning_rate"] = float(schedule(last_step - 1))
         values["jets_per_s"] = len(pending) * train_cfg.batch_size / max(seconds, 1e-9)
+        progress.add(len(pending), seconds)
         if primary:
             mlflow.log_metrics(values, step=last_step)
             if not interactive:
-                print(f"train: step {last_step}/{train_cfg.steps} loss {values['loss_bpd']:.4f} bpd "
-                      f"{values['jets_per_s']:.0f} jets/s", flush=True)
-        bar.set_postfix(loss=f"{values['loss_bpd']:.3f}", jets_per_s=f"{values['jets_per_s']:.0f}")
+                print(f"train: step {last_step}/{train_cfg.steps} loss {values['loss_bpd_smoothed']:.4f} bpd "
+                      f"(mean of {len(pending)} steps; last {values['loss_bpd']:.4f}), "
+                      f"{values['jets_per_s']:.0f} jets/s, ETA {progress.eta(train_cfg.steps - last_step)}", flush=True)
+        bar.set_postfix(loss=f"{values['loss_bpd_smoothed']:.3f}", jets_per_s=f"{values['jets_per_s']:.0f}")
         pending.clear()
 
     with StopRequest() as stop_request, tqdm(total=train_cfg.steps, initial=start_step, desc="train", unit="step",

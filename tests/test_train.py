@@ -4,6 +4,7 @@ Several CPU devices are simulated with XLA_FLAGS."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, compose_config, free_port
+from conftest import FIXTURE_TRACKING_URI, PROJECT_ROOT, compose_config, free_port
 from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches, batches_by_multiplicity, bucket_sizes
 from pipeline.model import build_vdm
@@ -75,12 +76,39 @@ def jax_leaves(tree, prefix=""):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, processed):
-    """An uninterrupted one-device run of STEPS steps."""
+def reference_run(tmp_path_factory, processed):
+    """An uninterrupted one-device run of STEPS steps: its results folder and its output."""
     results = tmp_path_factory.mktemp("reference")
     result = train(results, processed)
     assert result.returncode == 0, result.stderr
-    return results
+    return results, result
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run[0]
+
+
+def test_the_log_shows_progress_and_no_noise(reference_run):
+    """Not on a terminal, a line every train.log_every (2) steps with the mean loss since the last
+    line, the throughput and the time left; nothing about backends this machine does not have."""
+    results, result = reference_run
+    lines = [line for line in result.stdout.splitlines() if re.match(r"train: step \d+/", line)]
+    assert [line.split()[2] for line in lines] == [f"{step}/{STEPS}" for step in range(2, STEPS + 1, 2)]
+    pattern = r"train: step \d+/12 loss (\d+\.\d+) bpd \(mean of 2 steps; last (\d+\.\d+)\), \d+ jets/s, ETA \d\d:\d\d$"
+    assert all(re.match(pattern, line) for line in lines), lines
+    assert lines[-1].endswith("ETA 00:00")
+    assert "Unable to initialize backend" not in result.stdout + result.stderr
+
+    # MLflow: the loss of the step logged as it is, and its mean over the steps since the last log.
+    run_id = json.loads((results / "train" / "checkpoint.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(FIXTURE_TRACKING_URI)  # module fixtures log there (conftest)
+    smoothed = client.get_metric_history(run_id, "loss_bpd_smoothed")
+    raw = client.get_metric_history(run_id, "loss_bpd")
+    assert [metric.step for metric in smoothed] == [metric.step for metric in raw] == list(range(2, STEPS + 1, 2))
+    logged_means = [float(re.match(pattern, line).group(1)) for line in lines]
+    np.testing.assert_allclose([metric.value for metric in smoothed], logged_means, atol=1e-4)
+    assert any(abs(mean.value - last.value) > 1e-4 for mean, last in zip(smoothed, raw))
 
 
 def test_four_devices_make_the_updates_of_one(tmp_path, processed, reference):
