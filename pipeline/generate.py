@@ -268,7 +268,8 @@ def main(cfg: Config) -> None:
     class_names = [generator.class_name] if generator.class_name is not None else list(cfg.data.class_names)
     shards = [generator.shard] if generator.shard is not None else list(range(generator.n_shards))
     config_file = "generate.config.yaml" if len(class_names) * len(shards) > 1 else f"{pythia_shard_stem(class_names[0], shards[0])}.config.yaml"
-    with stage("generate", cfg, output_dir=cfg.data.raw_dir, config_file=config_file) as raw_dir:
+    label = f"{class_names[0]}/{shards[0]}" if len(class_names) * len(shards) == 1 else None
+    with stage("generate", cfg, output_dir=cfg.data.raw_dir, config_file=config_file, label=label) as raw_dir:
         unknown = sorted(set(class_names) - set(CLASSES))
         if unknown:
             raise PipelineError(f"cannot generate class {unknown[0]!r}: Pythia jets exist for {', '.join(CLASSES)}; fix data.class_names.")

@@ -30,7 +30,7 @@ from .tracking import stage_run
 
 @contextmanager
 def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = None, config_file: str = "config.yaml",
-          *, resume_run_id: str | None = None):
+          *, resume_run_id: str | None = None, label: str | None = None):
     """Run one execution of stage ``name``: yields its output folder, inside an MLflow run.
 
     The output folder is Hydra's run dir unless ``output_dir`` is given (the data stages write
@@ -40,9 +40,10 @@ def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = Non
     one line on stderr and exit status 2 (the MLflow run is marked FAILED). ``resume_run_id``
     continues an earlier MLflow run.
 
-    The MLflow run is named ``name``; an experiment's own stages whose results folder is not named
-    after its MLflow experiment (a point of a workflow sweep, ``results/demo_lr_1``) add the folder's
-    name (``train demo_lr_1``), so the runs of a sweep tell apart in the MLflow UI.
+    The MLflow run is named ``name``, then ``label`` if given (``generate g/0``: which part of the
+    work this execution did); an experiment's own stages whose results folder is not named after its
+    MLflow experiment (a point of a workflow sweep, ``results/demo_lr_1``) add the folder's name
+    (``train demo_lr_1``), so the runs of a sweep tell apart in the MLflow UI.
     """
     try:  # before any folder, file or run: the names become paths
         check_names(cfg)
@@ -50,7 +51,9 @@ def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = Non
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     results = Path(cfg.results_dir).name
-    run_name = name if output_dir is not None or results == cfg.name else f"{name} {results}"
+    run_name = " ".join(part for part in (name, label) if part)
+    if output_dir is None and results != cfg.name:
+        run_name += f" {results}"
     output_dir = Path(output_dir if output_dir is not None else HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:

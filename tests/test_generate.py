@@ -5,6 +5,7 @@ catch a wrong sign, unit or frame.
 """
 
 import awkward as ak
+import mlflow
 import numpy as np
 import pytest
 import uproot
@@ -81,6 +82,8 @@ def test_a_shard_is_reproducible_and_shards_differ(tmp_path):
     assert ak.all(read["first"].part_px == read["again"].part_px)
     assert not np.array_equal(read["first"].jet_pt, read["other"].jet_pt)
     assert uproot.open(tmp_path / "first" / "t_000.root")["tree"].classname == "TTree"
+    runs = mlflow.search_runs(experiment_names=["demo"], order_by=["attributes.start_time"])
+    assert runs["tags.mlflow.runName"].tolist() == ["generate t/0", "generate t/0", "generate t/1"]
 
 
 def test_an_unknown_class_is_refused(tmp_path):

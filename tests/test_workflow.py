@@ -166,6 +166,8 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     trained = json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())
     assert trained["step"] == 30 and (tmp_path / trained["latest"]).is_dir() and trained["best_val_nelbo_bpd"] > 0
     assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 6 + ["preprocess", "sample", "toy", "train"]
+    generated = [f"generate {name}/{shard}" for name in ("g", "q", "t") for shard in (0, 1)]
+    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", *generated, "preprocess", "sample", "toy", "train"]
     toy_run = runs[runs["tags.pipeline.stage"] == "toy"].iloc[0]
     assert toy_metrics and toy_metrics == pytest.approx({name: toy_run[f"metrics.{name}"] for name in toy_metrics})  # file == run
     assert np.bincount(read_sets(tmp_path / "results/demo/sample/samples.h5")["labels"]).tolist() == [20, 20, 20]
