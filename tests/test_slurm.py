@@ -81,3 +81,16 @@ def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
     runs = mlflow.search_runs(experiment_names=["demo"])
     assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 3 + ["preprocess", "sample", "train"]
     assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
+
+    # A cluster without GPUs, as the README says to run there: the sample job again, asking for none.
+    result = subprocess.run(
+        ["snakemake", "results/demo/sample/samples.h5", "--profile", "workflow/profiles/slurm",
+         "--set-resources", "train:gpu=0", "sample:gpu=0", "--forcerun", "sample",
+         "--slurm-init-seconds-before-status-checks=1", "--seconds-between-status-checks=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    [job] = slurm_jobs(re.search(r"SLURM run ID: (\S+)", output).group(1))
+    assert job["comment"] == "rule_sample_wildcards_demo" and job["state"] == "COMPLETED", job
+    assert "gpu" not in job["tres_per_job"], job
