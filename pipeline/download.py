@@ -74,6 +74,7 @@ from tqdm import tqdm
 from .config import Config, DataConfig, RemoteFile, Source, jetnet_file_name
 from .files import PipelineError, atomic_output
 from .stage import stage
+from .tracking import WRITTEN, FileDataset, log_files
 
 ATTEMPTS = 4  # tries per request against transient network errors
 FIRST_RETRY_DELAY_S = 1.0  # wait before the second try; doubled before each further one
@@ -477,6 +478,8 @@ def main(cfg: Config) -> None:
         mlflow.set_tag(VERIFIED_TAG, "false" if unverified else "true")
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(raw_dir / "download.json"))
+        log_files(WRITTEN, [FileDataset(raw_dir / record["name"], known_hash=record["hash"]) for record in records
+                            if (raw_dir / record["name"]).is_file()])  # not an archive removed after extraction
         print(f"download: {len(records)} files of {cfg.data.name} in {raw_dir} "
               f"({metrics['files_downloaded']} downloaded, {metrics['bytes_downloaded'] / 1e6:.1f} MB).")
 

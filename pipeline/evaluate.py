@@ -65,9 +65,10 @@ from omegaconf import DictConfig
 from . import metrics as jet_metrics
 from .config import PARTICLE_FEATURES, Config
 from .plots import plot_comparison
-from .sets import read_sets
+from .sets import count_jets, read_sets
 from .files import PipelineError, atomic_output
 from .stage import stage
+from .tracking import READ, WRITTEN, FileDataset, log_files
 
 COMPARISONS = ("sample", "truth")
 # Markdown columns: (title, metric key, scale). Scales as the JetNet papers quote the metrics.
@@ -263,6 +264,8 @@ def main(cfg: Config) -> None:
             file.write(tab_separated_table(metrics))
         plots = plot_comparison(reference, samples, output_dir / "plots", metrics)
         mlflow.log_metrics(metrics)
+        log_files(READ, [FileDataset(path, count_jets(path)) for path in paths.values() if path is not None])
+        log_files(WRITTEN, [FileDataset(output_dir / "metrics.json")])
         mlflow.log_artifact(str(output_dir / "metrics.json"))
         mlflow.log_artifact(str(output_dir / "metrics.md"))
         mlflow.log_artifact(str(output_dir / "metrics.tsv"))

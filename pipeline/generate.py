@@ -51,6 +51,7 @@ from .config import Config, pythia_shard_stem
 from .jets import azimuth, delta_r, invariant_mass, pseudorapidity, transverse_momentum
 from .files import PipelineError, atomic_output
 from .stage import stage
+from .tracking import WRITTEN, FileDataset, log_files
 
 NEUTRINOS = (12, 14, 16)
 JETS_PER_BASKET = 10_000  # jets per ROOT basket
@@ -277,6 +278,7 @@ def main(cfg: Config) -> None:
             for shard in shards:
                 result = generate_shard(class_name, shard, cfg.seed, generator)
                 write_root(shard_path(raw_dir, class_name, shard), result["jets"], class_name)
+                log_files(WRITTEN, [FileDataset(shard_path(raw_dir, class_name, shard), len(result["jets"]))])
                 prefix = pythia_shard_stem(class_name, shard)
                 mlflow.log_metrics({
                     f"{prefix}.events": result["events"],

@@ -83,9 +83,10 @@ from setdiff import nelbo
 from .checkpoints import trained_model
 from .config import Config
 from .input_pipeline import SetsSplit, batches_by_multiplicity
-from .sets import read_sets
+from .sets import count_jets, read_sets
 from .files import PipelineError, atomic_output, atomic_path
 from .stage import stage
+from .tracking import READ, WRITTEN, FileDataset, log_files
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -219,6 +220,11 @@ def main(cfg: Config) -> None:
         with atomic_output(output_dir / "metrics.json") as file:
             json.dump(metrics, file, indent=2)
         mlflow.log_metrics({name: value for name, value in metrics.items() if np.isfinite(value)})
+        processed = Path(cfg.data.processed_dir)
+        scored = Path(cfg.likelihood.sets or processed / "test.h5")
+        log_files(READ, [FileDataset(scored, count_jets(scored)), FileDataset(processed / "train.h5", count_jets(processed / "train.h5")),
+                         FileDataset(processed / "normalisation.json"), FileDataset(Path(cfg.results_dir) / "train" / "checkpoint.json")])
+        log_files(WRITTEN, [FileDataset(output_dir / "nelbo.h5", count_jets(output_dir / "nelbo.h5"))])
         for artifact in ("metrics.json", "roc.png"):
             if (output_dir / artifact).exists():
                 mlflow.log_artifact(str(output_dir / artifact))

@@ -24,7 +24,6 @@ file records its source files with their SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -44,8 +43,9 @@ from .background import in_background
 from .config import Config, Source, jetnet_file_name, pythia_shard_stem
 from .readers import READERS, UNLABELLED, RawJets, per_jet_sum
 from .sets import write_sets
-from .files import PipelineError, atomic_output
+from .files import PipelineError, atomic_output, file_sha256
 from .stage import stage
+from .tracking import READ, WRITTEN, FileDataset, log_files
 
 SPLITS = ("train", "val", "test")
 DROP_REASONS = ("empty_jets", "nonfinite_jets", "unlabelled_jets")
@@ -179,11 +179,6 @@ class RunningMoments:
         return {name: {"mean": float(m), "std": float(s)} for name, m, s in zip(self.names, mean, std)}
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def check_config(data: DictConfig) -> None:
     fractions = list(data.split_fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
@@ -215,7 +210,7 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
     reader = READERS[Source(data.source)](data)
     paths = raw_files(data)
     plan = chunk_plan(reader, paths, data.chunk_jets)
-    sources = [{"file": path.name, "sha256": sha256(path), "jets": reader.n_jets(path)} for path in paths]
+    sources = [{"file": path.name, "sha256": file_sha256(path), "jets": reader.n_jets(path)} for path in paths]
     particle_moments = RunningMoments(list(data.feature_names))
     jet_moments = RunningMoments(list(data.jet_feature_names))
     log_moments = RunningMoments(["pt_rel"])  # of log(pt_rel), for model.log_pt_rel
@@ -276,6 +271,10 @@ def main(cfg: Config) -> None:
         counts, sources = preprocess(cfg, processed_dir)
         mlflow.log_metrics({**counts, "jets_per_s": counts["jets_read"] / counts["seconds"]})
         mlflow.log_dict(sources, "source_files.json")
+        log_files(READ, [FileDataset(Path(cfg.data.raw_dir) / source["file"], source["jets"], source["sha256"])
+                         for source in sources])
+        log_files(WRITTEN, [*(FileDataset(processed_dir / f"{split}.h5", counts[f"jets_{split}"]) for split in SPLITS),
+                            FileDataset(processed_dir / "normalisation.json")])
         print(
             f"preprocess: {counts['jets_read']} jets read, {counts['jets_train']}/{counts['jets_val']}/{counts['jets_test']} "
             f"written to {processed_dir}/{{train,val,test}}.h5; dropped: {counts['dropped_empty_jets']} empty, "

@@ -42,9 +42,10 @@ from .checkpoints import trained_model
 from .config import PARTICLE_FEATURES, Config, MaskSource
 from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .jets import jet_from_relative_particles
-from .sets import write_sets
+from .sets import count_jets, write_sets
 from .files import PipelineError
 from .stage import stage
+from .tracking import READ, WRITTEN, FileDataset, log_files
 
 SAMPLE_JET_FEATURES = ["pt_rel", "eta_rel", "mass_rel", "n_particles"]
 
@@ -143,6 +144,11 @@ def main(cfg: Config) -> None:
     with stage("sample", cfg) as output_dir:
         figures = generate(cfg, output_dir / "samples.h5")
         mlflow.log_metrics(figures)
+        processed = Path(cfg.data.processed_dir)
+        template = processed / f"{'train' if MaskSource(cfg.sample.masks) == MaskSource.train else 'test'}.h5"
+        log_files(READ, [FileDataset(template, count_jets(template)), FileDataset(processed / "normalisation.json"),
+                         FileDataset(Path(cfg.results_dir) / "train" / "checkpoint.json")])
+        log_files(WRITTEN, [FileDataset(output_dir / "samples.h5", figures["n_jets"])])
         mlflow.log_dict(figures, "sample.json")
         print(f"sample: {figures['n_jets']} jets in {figures['seconds']:.1f} s ({figures['jets_per_s']:.0f} jets/s), "
               f"{100 * figures['negative_pt_rel_fraction']:.2f}% of pt_rel clipped at 0 -> {output_dir / 'samples.h5'}")

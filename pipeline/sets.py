@@ -81,6 +81,12 @@ def write_sets(path, *, n_max: int, feature_names, jet_feature_names, class_name
         yield SetsWriter(file, n_max, len(feature_names), len(jet_feature_names))
 
 
+def count_jets(path) -> int:
+    """How many jets the sets file ``path`` holds (reads its shape, not its data)."""
+    with h5py.File(path, "r") as file:
+        return file["labels"].shape[0]
+
+
 def read_sets(path, datasets=DATASETS) -> dict:
     """The ``datasets`` (default: every one) and every attribute of a sets file, as numpy arrays and
     Python values.

@@ -3,8 +3,12 @@
 Tracking model:
 
 - one MLflow experiment per pipeline experiment (the config's ``name``);
-- one MLflow run per stage execution, named after the stage (plus the results folder of a sweep
-  point, see :func:`pipeline.stage.stage`) and tagged ``pipeline.stage``;
+- one MLflow run per stage execution, named after the stage (plus what part of the work it did,
+  ``generate g/0``, or the results folder of a sweep point, see :func:`pipeline.stage.stage`) and
+  tagged ``pipeline.stage``;
+- the files a stage read and wrote are the run's datasets (:func:`log_files`), with contexts
+  ``read`` and ``written`` and a digest of their bytes: the train run that read ``train.h5`` shows
+  the digest that the preprocess run wrote, so the UI shows the lineage from raw files to metrics;
 - every run of one workflow execution carries the same ``pipeline.execution`` tag. Snakemake sets
   ``PIPELINE_EXECUTION_ID`` once per execution and every stage inherits it, so one filter finds
   the whole execution::
@@ -33,22 +37,28 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import signal
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from sqlalchemy.engine import make_url
+
+from .files import file_sha256
 
 try:
     from mlflow.utils.validation import (
@@ -63,6 +73,10 @@ EXECUTION_ENV = "PIPELINE_EXECUTION_ID"
 EXECUTION_TAG = "pipeline.execution"
 STAGE_TAG = "pipeline.stage"
 CONFIG_ARTIFACT = "config.yaml"
+# What the MLflow UI (3.x) opens an experiment on: "custom_model_development" is its view for model
+# training (the runs table); without the tag it may guess GenAI development and open on traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 TRUNCATION_MARKER = "...[truncated; full value in config.yaml]"
 
 
@@ -177,7 +191,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
                 artifacts = database.resolve().parent / "mlartifacts" / quote(name, safe="")
                 artifact_location = artifacts.as_uri()
             try:
-                return client.create_experiment(name, artifact_location=artifact_location)
+                return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
             except MlflowException as error:
                 if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                     raise
@@ -189,6 +203,8 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
             f"--experiment-id {experiment.experiment_id}`, or remove it for good with "
             f"`mlflow gc --backend-store-uri {uri} --experiment-ids {experiment.experiment_id}`."
         )
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before the kind was set
+        MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
     return experiment.experiment_id
 
 
@@ -198,6 +214,54 @@ def execution_id() -> str:
     execution = os.environ.get(EXECUTION_ENV) or uuid.uuid4().hex
     os.environ[EXECUTION_ENV] = execution
     return execution
+
+
+READ, WRITTEN = "read", "written"  # a logged dataset's context: what the stage read, what it wrote
+
+
+class FileDataset(MetaDataset):
+    """A file that a stage read or wrote, as an MLflow dataset.
+
+    Its name is its path from the working directory (the project root, where Snakemake runs every
+    stage) when it lies inside it; its digest the first 16 hex digits of the SHA-256 of its bytes,
+    so the file one run wrote and the next one read show the same digest: the lineage (a download
+    keeps the checksum it was verified with, of whatever algorithm); its source the absolute path;
+    its profile the number of jets it holds, where known."""
+
+    def __init__(self, path: str | os.PathLike, jets: int | None = None, known_hash: str | None = None):
+        """``known_hash``: a hex digest of the file's bytes that the stage has already computed
+        (``sha256:<hex>`` or ``<hex>``, as pooch writes it), so a large file is not read again."""
+        path = Path(path).resolve()
+        digest = (known_hash or file_sha256(path)).split(":")[-1]
+        here = Path.cwd().resolve()
+        name = str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+        self._jets = jets
+        super().__init__(_local_source(path), name=name, digest=digest[:16])
+
+    @property
+    def profile(self) -> dict | None:
+        return None if self._jets is None else {"jets": self._jets}
+
+    def to_dict(self) -> dict[str, str]:
+        config = super().to_dict()
+        if self.profile is not None:
+            config["profile"] = json.dumps(self.profile)
+        return config
+
+
+def _local_source(path: Path):
+    """MLflow's dataset source for a local file. MLflow registers one source class for plain paths
+    and one for ``file:`` URIs, both local, and warns that a path matches both; either is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(str(path))
+
+
+def log_files(context: str, files: Sequence[FileDataset]) -> None:
+    """Log ``files`` as datasets of the active run, in ``context`` (:data:`READ` or
+    :data:`WRITTEN`): the MLflow UI lists them in the run's Dataset column."""
+    if files:
+        mlflow.log_inputs(list(files), contexts=[context] * len(files), tags_list=[None] * len(files))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption or the time limit

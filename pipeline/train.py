@@ -61,7 +61,8 @@ from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .files import PipelineError, atomic_output, write_config
 from .stage import stage
-from .tracking import STOP_SIGNALS, Interrupted, flatten_config, received_stop_signal
+from .sets import count_jets
+from .tracking import READ, STOP_SIGNALS, WRITTEN, FileDataset, Interrupted, flatten_config, log_files, received_stop_signal
 
 AXIS = "devices"
 
@@ -330,6 +331,10 @@ def main(cfg: Config) -> None:
         with atomic_output(output_dir / "checkpoint.json") as file:
             json.dump(summary, file, indent=2)
         mlflow.log_dict(summary, "checkpoint.json")
+        processed = Path(cfg.data.processed_dir)
+        log_files(READ, [*(FileDataset(processed / f"{split}.h5", count_jets(processed / f"{split}.h5")) for split in ("train", "val")),
+                         FileDataset(processed / "normalisation.json")])
+        log_files(WRITTEN, [FileDataset(output_dir / "checkpoint.json")])
         print(f"train: step {summary['step']}; latest checkpoint {summary['latest']}; best {summary['best']} "
               f"(val NELBO {summary['best_val_nelbo_bpd']})")
 

@@ -1,5 +1,6 @@
 """The Snakemake workflow: it lints, plans, and runs the default experiment for real."""
 
+import hashlib
 import json
 import os
 import re
@@ -168,6 +169,7 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 6 + ["preprocess", "sample", "toy", "train"]
     generated = [f"generate {name}/{shard}" for name in ("g", "q", "t") for shard in (0, 1)]
     assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", *generated, "preprocess", "sample", "toy", "train"]
+    assert_lineage(tmp_path, runs)
     toy_run = runs[runs["tags.pipeline.stage"] == "toy"].iloc[0]
     assert toy_metrics and toy_metrics == pytest.approx({name: toy_run[f"metrics.{name}"] for name in toy_metrics})  # file == run
     assert np.bincount(read_sets(tmp_path / "results/demo/sample/samples.h5")["labels"]).tolist() == [20, 20, 20]
@@ -194,6 +196,30 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path):
     assert planned_rules("sample.steps=5") == {"sample", "evaluate", "toy", "all"}
     assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
+
+
+def assert_lineage(folder, runs):
+    """Each run's MLflow datasets are the files it read and wrote, each named by its path, digested
+    by its bytes and counting its jets; what one stage wrote is what the next one read."""
+    files = {}  # (stage, context) -> {name: (digest, jets)}
+    for run_id, stage in zip(runs["run_id"], runs["tags.pipeline.stage"]):
+        for dataset_input in mlflow.get_run(run_id).inputs.dataset_inputs:
+            dataset, tags = dataset_input.dataset, {tag.key: tag.value for tag in dataset_input.tags}
+            path = folder / dataset.name
+            assert dataset.digest == hashlib.sha256(path.read_bytes()).hexdigest()[:16], dataset.name
+            jets = json.loads(dataset.profile)["jets"] if dataset.profile else None
+            if path.suffix == ".h5":
+                assert jets == len(read_sets(path, datasets=("labels",))["labels"]), dataset.name
+            files.setdefault((stage, tags["mlflow.data.context"]), {})[dataset.name] = (dataset.digest, jets)
+    shards = {name: value for (stage, _), written in files.items() if stage == "generate" for name, value in written.items()}
+    assert len(shards) == 6 and all(jets == 20 for _, jets in shards.values())
+    assert files["preprocess", "read"] == shards
+    processed = {f"data/processed/pythia/{name}" for name in ("train.h5", "val.h5", "test.h5", "normalisation.json")}
+    assert set(files["preprocess", "written"]) == processed
+    assert files["train", "read"].items() <= files["preprocess", "written"].items() and len(files["train", "read"]) == 3
+    assert files["sample", "read"]["results/demo/train/checkpoint.json"] == files["train", "written"]["results/demo/train/checkpoint.json"]
+    assert files["sample", "written"] == {"results/demo/sample/samples.h5": files["evaluate", "read"]["results/demo/sample/samples.h5"]}
+    assert files["evaluate", "read"]["data/processed/pythia/test.h5"] == files["preprocess", "written"]["data/processed/pythia/test.h5"]
 
 
 @pytest.mark.slow
