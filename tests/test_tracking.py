@@ -268,6 +268,16 @@ def test_experiment_created_by_a_racing_process_is_reused(store, monkeypatch):
     assert len(lookups) == 2
 
 
+def test_experiments_open_on_the_runs_view_of_model_training(store):
+    """The MLflow UI shows an experiment tagged mlflow.experimentKind=custom_model_development as
+    model training (the runs table); one made before the tag existed gets it too."""
+    made = MlflowClient(store).get_experiment(tracking.ensure_experiment("fresh", store))
+    older = MlflowClient(store).create_experiment("older")
+    assert tracking.ensure_experiment("older", store) == older
+    for experiment in (made, MlflowClient(store).get_experiment(older)):
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", experiment.name
+
+
 @pytest.mark.slow
 def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a_team_server(tmp_path):
     """`mlflow ui --backend-store-uri sqlite:///mlflow.db` as the README shows it (on a free port), and
