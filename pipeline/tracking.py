@@ -73,8 +73,8 @@ EXECUTION_ENV = "PIPELINE_EXECUTION_ID"
 EXECUTION_TAG = "pipeline.execution"
 STAGE_TAG = "pipeline.stage"
 CONFIG_ARTIFACT = "config.yaml"
-# What the MLflow UI (3.x) opens an experiment on: "custom_model_development" is its view for model
-# training (the runs table); without the tag it may guess GenAI development and open on traces.
+# MLflow 3's experiment type: this pipeline's experiments are model training, not GenAI development.
+# (Which pages the UI shows is its own switch, GenAI or Model training; the README gives the link.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 TRUNCATION_MARKER = "...[truncated; full value in config.yaml]"

@@ -1,10 +1,14 @@
 import collections
+import contextlib
+import html
 import os
+import re
 import shutil
 import socket
 import sys
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -99,3 +103,58 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_ui(backend_store_uri: str, cwd=None):
+    """``mlflow ui`` on ``backend_store_uri`` and a free port, as the README starts it; yields its URL
+    once it answers, stops it afterwards."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = mlflow.MlflowClient(url)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt-get where it is missing (root only); skips, saying why,
+    where neither works."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no chromium, and installing it needs root and apt-get")
+    install = subprocess.run(["bash", str(PROJECT_ROOT / "tests" / "install_chromium.sh")], capture_output=True, text=True, timeout=900)
+    if install.returncode != 0 or not shutil.which("chromium"):
+        pytest.skip(f"could not install chromium with apt-get: {install.stderr.strip()[-500:]}")
+    return shutil.which("chromium")
+
+
+def page_text(chromium: str, url: str) -> str:
+    """The text a person sees at ``url`` once its scripts have run and its requests answered
+    (headless Chromium's rendered DOM, tags and scripts removed, whitespace collapsed)."""
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1920,2400",
+         "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180,
+    ).stdout
+    visible = re.sub(r"<(script|style|svg)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", visible)))

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
-from conftest import TINY, free_port, run_stage
+from conftest import TINY, mlflow_ui, run_stage
 from pipeline import tracking
 from pipeline.tracking import (
     EXECUTION_ENV,
@@ -283,31 +283,12 @@ def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a
     """`mlflow ui --backend-store-uri sqlite:///mlflow.db` as the README shows it (on a free port), and
     a stage pointed at it with MLFLOW_TRACKING_URI=http://...: the run, its metrics and its config
     artifact arrive in the store behind the server."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    server = subprocess.Popen(
-        ["mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
+    with mlflow_ui("sqlite:///mlflow.db", cwd=tmp_path) as uri:
         client = MlflowClient(uri)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.search_experiments()
-                break
-            except Exception:
-                assert server.poll() is None, server.stderr.read()
-                assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
-                time.sleep(1)
         result = run_stage("toy", *TINY, f"results_dir={tmp_path / 'results'}", env={"MLFLOW_TRACKING_URI": uri})
         assert result.returncode == 0, result.stderr
         [run] = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
         assert run.data.tags[STAGE_TAG] == "toy" and run.data.params["train.steps"] == "30"
         assert "inside_square" in run.data.metrics
         assert "config.yaml" in {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert (tmp_path / "mlflow.db").is_file()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, TINY, copy_workflow, run_stage
+from conftest import PROJECT_ROOT, TINY, copy_workflow, mlflow_ui, page_text, run_stage
 from pipeline.sets import read_sets
 
 
@@ -223,10 +223,11 @@ def assert_lineage(folder, runs):
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_mlflow(tmp_path):
+def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_mlflow(tmp_path, request):
     """Two learning rates as a sweep. A target file runs only what it needs; a stage run by hand
     writes the file the workflow writes; then both points are evaluated, and they share one
-    MLflow experiment in which each evaluate run carries the train params beside the metrics."""
+    MLflow experiment in which each evaluate run carries the train params beside the metrics, as
+    the MLflow UI shows them in a real browser."""
     copy_workflow(tmp_path)
     point = ["experiment=demo", *TINY, "data.generator.jets_per_shard=20", "data.generator.batch_events=40",
              "data.generator.n_shards=1", "train.learning_rate=1e-3,3e-4"]
@@ -251,13 +252,43 @@ def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_ml
     for name in ("lr_0", "lr_1"):
         assert "sample.all.w1m" in json.loads((tmp_path / f"results/{name}/evaluate/metrics.json").read_text())
     evaluations = mlflow.search_runs(experiment_names=["lr"], filter_string="tags.`pipeline.stage` = 'evaluate'")
-    compared = evaluations.set_index("tags.mlflow.runName")[["params.train.learning_rate", "metrics.sample.all.w1m"]]
+    compared = evaluations.set_index("tags.mlflow.runName")[["run_id", "params.train.learning_rate", "metrics.sample.all.w1m"]]
     assert sorted(compared.index) == ["evaluate lr_0", "evaluate lr_1"]
     assert compared.loc["evaluate lr_0", "params.train.learning_rate"] == "0.001"
     assert compared.loc["evaluate lr_1", "params.train.learning_rate"] == "0.0003"
     assert np.isfinite(compared["metrics.sample.all.w1m"]).all()
     trainings = mlflow.search_runs(experiment_names=["lr"], filter_string="tags.`pipeline.stage` = 'train'")
     assert sorted(trainings["tags.mlflow.runName"]) == ["train lr_0", "train lr_1"]
+
+    # The same runs as a person sees them: `mlflow ui` on the store, in headless Chromium. The
+    # experiment opens on its runs table, which names every stage run; comparing the two evaluate
+    # runs shows their learning rates and their metrics.
+    chromium = request.getfixturevalue("chromium")  # skips here, saying why, where there is none
+    experiment = mlflow.get_experiment_by_name("lr")
+    names = mlflow.search_runs(experiment_names=["lr"])["tags.mlflow.runName"].tolist()
+    assert {"generate g/0", "generate q/0", "generate t/0", "preprocess", "train lr_0", "train lr_1",
+            "sample lr_0", "sample lr_1", "evaluate lr_0", "evaluate lr_1"} <= set(names)
+    with mlflow_ui(os.environ["MLFLOW_TRACKING_URI"]) as url:
+        table = page_text(chromium, f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
+        evaluate_runs = [compared.loc[f"evaluate lr_{point}", "run_id"] for point in (0, 1)]
+        compare = page_text(chromium, f"{url}/#/compare-runs?runs={json.dumps(evaluate_runs)}"
+                                      f"&experiments={json.dumps([experiment.experiment_id])}")
+    # Each row: its chart-visibility and pin buttons, its colour, its name, when it was created.
+    listed = re.findall(r"(?:Hide|Unhide) run Pin run #[0-9a-f]{6} (.+?) (?:\d+|a) (?:seconds?|minutes?) ago", table)
+    assert sorted(listed) == sorted(names), table[:3000]
+    # The Dataset column: what each run read and wrote, with digests.
+    assert re.search(r"data/processed/pythia/train\.h5 \([0-9a-f]{16}\) read", table), table[:3000]
+    assert "Comparing 2 Runs" in compare and "Run Name: evaluate lr_0 evaluate lr_1" in compare, compare[:3000]
+    assert "train.learning_rate 0.001 0.0003" in compare, compare[:3000]
+    # The metrics table shows a window of metric names, then their values run by run.
+    shown_metrics = re.search(r"Metrics Show diff only ((?:\S+ )+?)((?:-?[\d.]+(?:e[+-]\d+)? )+)Artifacts", compare)
+    assert shown_metrics, compare[:3000]
+    metric_names, values = shown_metrics.group(1).split(), [float(value) for value in shown_metrics.group(2).split()]
+    assert len(metric_names) >= 5 and len(values) == 2 * len(metric_names), shown_metrics.group(0)
+    runs = {run_id: mlflow.get_run(run_id).data.metrics for run_id in evaluate_runs}
+    for index, name in enumerate(metric_names):
+        logged = [runs[run_id][name] for run_id in evaluate_runs]
+        assert values[2 * index : 2 * index + 2] == pytest.approx(logged, rel=1e-6, abs=6e-4), name
 
 
 def training_process(folder) -> int:
