@@ -24,6 +24,10 @@ localrules:
     download,
 
 
+onstart:
+    refuse_gpus_the_cluster_lacks()
+
+
 rule all:
     default_target: True
     input:

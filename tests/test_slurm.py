@@ -94,3 +94,28 @@ def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
     [job] = slurm_jobs(re.search(r"SLURM run ID: (\S+)", output).group(1))
     assert job["comment"] == "rule_sample_wildcards_demo" and job["state"] == "COMPLETED", job
     assert "gpu" not in job["tres_per_job"], job
+
+
+@pytest.mark.slow
+def test_gpus_asked_of_a_cluster_without_any_stop_the_workflow_before_it_submits(slurm_cluster, tmp_path):
+    """The profile's GPU request on a cluster whose nodes have none (this one, as a stand-in sinfo
+    shows it: no gpu resource): one sentence saying how to run on CPU cores, nothing submitted."""
+    copy_workflow(tmp_path, "data.generator.n_shards=1")
+    stand_in = tmp_path / "bin"
+    stand_in.mkdir()
+    (stand_in / "sinfo").write_text(
+        "#!/bin/sh\n"
+        'for arg in "$@"; do [ "$arg" = "--format=%G" ] && { echo "(null)"; exit 0; }; done\n'
+        f'exec {shutil.which("sinfo")} "$@"\n'
+    )
+    (stand_in / "sinfo").chmod(0o755)
+    result = subprocess.run(
+        ["snakemake", "results/demo/sample/samples.h5", "--profile", "workflow/profiles/slurm"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PATH": f"{stand_in}{os.pathsep}{os.environ['PATH']}"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert ("slurm: error: sample, train ask for a GPU and no node of this cluster has one (sinfo lists no gpu resource): "
+            "run with --set-resources sample:gpu=0 train:gpu=0 to use CPU cores.") in result.stderr, output
+    assert "Traceback" not in output and not (tmp_path / "data" / "raw").exists()

@@ -3,6 +3,7 @@
 import itertools
 import os
 import shlex
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -263,3 +264,26 @@ def likelihood_settings(wildcards):
 def processed_file(name):
     """An input function: the experiment's processed file ``name`` (e.g. test.h5)."""
     return lambda wildcards: f"{CONFIGS[wildcards.experiment].data.processed_dir}/{name}"
+
+
+def refuse_gpus_the_cluster_lacks():
+    """Under the SLURM executor, before any job is submitted: jobs that ask for a GPU on a cluster
+    whose nodes have none would each fail at sbatch ("Invalid generic resource (gres)
+    specification"); stop instead, in one sentence saying how to run on CPU nodes. Where sinfo
+    cannot tell, SLURM decides."""
+    if workflow.executor_plugin is None or workflow.executor_plugin.name != "slurm":
+        return
+    asking = sorted({job.rule.name for job in workflow.dag.needrun_jobs()
+                     if str(job.resources.get("gpu", 0)) not in ("0", "") or "gpu" in str(job.resources.get("gres", ""))})
+    if not asking:
+        return
+    try:
+        nodes = subprocess.run(["sinfo", "--noheader", "--format=%G"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if nodes.returncode != 0 or "gpu" in nodes.stdout:
+        return
+    print(f"slurm: error: {', '.join(asking)} ask for a GPU and no node of this cluster has one (sinfo lists no gpu "
+          f"resource): run with --set-resources {' '.join(f'{rule}:gpu=0' for rule in asking)} to use CPU cores.",
+          file=sys.stderr)
+    sys.exit(2)
