@@ -69,18 +69,20 @@ AXIS = "devices"
 
 class TrainingPace:
     """Seconds per training step in this run so far (validation and checkpoints not counted), and
-    the time the remaining steps will take at that pace."""
+    the time the remaining steps will take at that pace. The first interval holds the compilation
+    of the training step, so it is left out as soon as a later one has been timed."""
 
     def __init__(self):
-        self.steps, self.seconds = 0, 0.0
+        self.intervals: list[tuple[int, float]] = []  # (steps, seconds)
 
     def add(self, steps: int, seconds: float) -> None:
-        self.steps += steps
-        self.seconds += seconds
+        self.intervals.append((steps, seconds))
 
     def eta(self, remaining_steps: int) -> str:
         """``h:mm:ss`` or ``mm:ss``, as tqdm's bar writes it."""
-        return tqdm.format_interval(remaining_steps * self.seconds / max(self.steps, 1))
+        timed = self.intervals[1:] or self.intervals
+        steps, seconds = sum(steps for steps, _ in timed), sum(seconds for _, seconds in timed)
+        return tqdm.format_interval(remaining_steps * seconds / max(steps, 1))
 
 
 # Settings that may change when a run is resumed. The data's location and the cadences leave the

@@ -19,7 +19,7 @@ from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches, batches_by_multiplicity, bucket_sizes
 from pipeline.model import build_vdm
 from pipeline.checkpoints import latest_checkpoint_step, load_checkpoint
-from pipeline.train import RESUMABLE_CHANGES
+from pipeline.train import RESUMABLE_CHANGES, TrainingPace
 from setdiff import init_params, make_optimizer, vdm_loss
 
 STEPS = 12
@@ -109,6 +109,15 @@ def test_the_log_shows_progress_and_no_noise(reference_run):
     logged_means = [float(re.match(pattern, line).group(1)) for line in lines]
     np.testing.assert_allclose([metric.value for metric in smoothed], logged_means, atol=1e-4)
     assert any(abs(mean.value - last.value) > 1e-4 for mean, last in zip(smoothed, raw))
+
+
+def test_the_time_left_leaves_out_the_interval_that_compiled_the_step():
+    pace = TrainingPace()
+    pace.add(10, 20.0)  # compilation and 10 steps
+    assert pace.eta(100) == "03:20"  # nothing better known yet
+    pace.add(10, 1.0)
+    pace.add(10, 3.0)
+    assert pace.eta(100) == "00:20"  # 0.2 s per step since
 
 
 def test_four_devices_make_the_updates_of_one(tmp_path, processed, reference):
