@@ -1,5 +1,6 @@
 # Shared by all rules: the experiments to run, their Hydra configs, the datasets they need, and the
 # id that ties together every MLflow run of one workflow execution (tag `pipeline.execution`).
+import functools
 import itertools
 import os
 import shlex
@@ -63,6 +64,7 @@ STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
 OVERRIDES_PARSER = OverridesParser.create()
 
 
+@functools.cache  # asked of every override by every job's params; Hydra's parser takes ~1 ms a call
 def override_group(override):
     """The config group an override sets: ``train`` for ``train.steps=5``, ``model`` for ``model=small``
     or ``model@x=small``, ``seed`` for ``~seed``."""
