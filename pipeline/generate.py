@@ -268,8 +268,9 @@ def main(cfg: Config) -> None:
     generator = cfg.data.generator
     class_names = [generator.class_name] if generator.class_name is not None else list(cfg.data.class_names)
     shards = [generator.shard] if generator.shard is not None else list(range(generator.n_shards))
-    config_file = "generate.config.yaml" if len(class_names) * len(shards) > 1 else f"{pythia_shard_stem(class_names[0], shards[0])}.config.yaml"
-    label = f"{class_names[0]}/{shards[0]}" if len(class_names) * len(shards) == 1 else None
+    one_shard = len(class_names) * len(shards) == 1
+    config_file = f"{pythia_shard_stem(class_names[0], shards[0])}.config.yaml" if one_shard else "generate.config.yaml"
+    label = f"{class_names[0]}/{shards[0]}" if one_shard else None
     with stage("generate", cfg, output_dir=cfg.data.raw_dir, config_file=config_file, label=label) as raw_dir:
         unknown = sorted(set(class_names) - set(CLASSES))
         if unknown:

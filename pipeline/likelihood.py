@@ -152,6 +152,11 @@ def plot_roc(false_positive_rate, true_positive_rate, auc: float, signal: list[s
     plt.close(figure)
 
 
+def scored_path(cfg: DictConfig) -> Path:
+    """The sets file to score: ``likelihood.sets``, by default the test split."""
+    return Path(cfg.likelihood.sets or Path(cfg.data.processed_dir) / "test.h5")
+
+
 def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict[str, float]:
     """Score ``likelihood.sets`` (default: the test split); write ``nelbo.h5`` and the ROC plot.
 
@@ -160,8 +165,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
     the model's classes, ``anomaly_score.<class>`` for every class of the file; ``anomaly_auc`` when
     the file holds both classes the model was trained on and others.
     """
-    processed = Path(cfg.data.processed_dir)
-    path = Path(cfg.likelihood.sets or processed / "test.h5")
+    processed, path = Path(cfg.data.processed_dir), scored_path(cfg)
     for needed in (path, processed / "train.h5", processed / "normalisation.json"):
         if not needed.is_file():
             raise PipelineError(f"{needed} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first or set likelihood.sets.")
@@ -220,8 +224,7 @@ def main(cfg: Config) -> None:
         with atomic_output(output_dir / "metrics.json") as file:
             json.dump(metrics, file, indent=2)
         mlflow.log_metrics({name: value for name, value in metrics.items() if np.isfinite(value)})
-        processed = Path(cfg.data.processed_dir)
-        scored = Path(cfg.likelihood.sets or processed / "test.h5")
+        processed, scored = Path(cfg.data.processed_dir), scored_path(cfg)
         log_files(READ, [FileDataset(scored, count_jets(scored)), FileDataset(processed / "train.h5", count_jets(processed / "train.h5")),
                          FileDataset(processed / "normalisation.json"), FileDataset(Path(cfg.results_dir) / "train" / "checkpoint.json")])
         log_files(WRITTEN, [FileDataset(output_dir / "nelbo.h5", count_jets(output_dir / "nelbo.h5"))])

@@ -86,14 +86,20 @@ def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float
                     in_axes=(None, 0, 0, 0, 0))
 
 
+def template_path(cfg: DictConfig) -> Path:
+    """The processed split whose jets' multiplicities the generated jets take (``sample.masks``)."""
+    split = "train" if MaskSource(cfg.sample.masks) == MaskSource.train else "test"
+    return Path(cfg.data.processed_dir) / f"{split}.h5"
+
+
 def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     """Sample every class and write ``output_path``; returns the run's figures."""
     processed = Path(cfg.data.processed_dir)
-    template_split = "train" if MaskSource(cfg.sample.masks) == MaskSource.train else "test"
-    for name in (f"{template_split}.h5", "normalisation.json"):
-        if not (processed / name).is_file():
-            raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
-    split = SetsSplit(processed / f"{template_split}.h5", processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
+    template = template_path(cfg)
+    for path in (template, processed / "normalisation.json"):
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
+    split = SetsSplit(template, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
     if split.feature_names != PARTICLE_FEATURES:
         raise PipelineError(f"{processed} holds features {split.feature_names}; sampling writes {PARTICLE_FEATURES}, preprocess again.")
     model, params, checkpoint = trained_model(cfg, split.x.shape[-1], len(split.class_names))
@@ -133,7 +139,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
         output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
         class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
         sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
-        masks=template_split, negative_pt_rel_clipped=n_clipped,
+        masks=template.stem, negative_pt_rel_clipped=n_clipped,
     ) as writer:
         writer.append(particles, mask, jets, split.labels[rows])
     return figures
@@ -144,8 +150,7 @@ def main(cfg: Config) -> None:
     with stage("sample", cfg) as output_dir:
         figures = generate(cfg, output_dir / "samples.h5")
         mlflow.log_metrics(figures)
-        processed = Path(cfg.data.processed_dir)
-        template = processed / f"{'train' if MaskSource(cfg.sample.masks) == MaskSource.train else 'test'}.h5"
+        template, processed = template_path(cfg), Path(cfg.data.processed_dir)
         log_files(READ, [FileDataset(template, count_jets(template)), FileDataset(processed / "normalisation.json"),
                          FileDataset(Path(cfg.results_dir) / "train" / "checkpoint.json")])
         log_files(WRITTEN, [FileDataset(output_dir / "samples.h5", figures["n_jets"])])

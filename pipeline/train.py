@@ -228,7 +228,7 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     n_local = jax.local_device_count()
     interactive = progress and sys.stderr.isatty()
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked and logged
-    progress = TrainingPace()
+    pace = TrainingPace()
     stop = threading.Event()
     upcoming = in_background(((step, batches(step)) for step in range(start_step, train_cfg.steps)), stop)
 
@@ -263,13 +263,13 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
         values["loss_bpd_smoothed"] = float(np.mean([float(metrics["loss_bpd"]) for metrics in fetched]))
         values["learning_rate"] = float(schedule(last_step - 1))
         values["jets_per_s"] = len(pending) * train_cfg.batch_size / max(seconds, 1e-9)
-        progress.add(len(pending), seconds)
+        pace.add(len(pending), seconds)
         if primary:
             mlflow.log_metrics(values, step=last_step)
             if not interactive:
                 print(f"train: step {last_step}/{train_cfg.steps} loss {values['loss_bpd_smoothed']:.4f} bpd "
                       f"(mean of {len(pending)} steps; last {values['loss_bpd']:.4f}), "
-                      f"{values['jets_per_s']:.0f} jets/s, ETA {progress.eta(train_cfg.steps - last_step)}", flush=True)
+                      f"{values['jets_per_s']:.0f} jets/s, ETA {pace.eta(train_cfg.steps - last_step)}", flush=True)
         bar.set_postfix(loss=f"{values['loss_bpd_smoothed']:.3f}", jets_per_s=f"{values['jets_per_s']:.0f}")
         pending.clear()
 
