@@ -268,9 +268,9 @@ def test_experiment_created_by_a_racing_process_is_reused(store, monkeypatch):
     assert len(lookups) == 2
 
 
-def test_experiments_open_on_the_runs_view_of_model_training(store):
-    """The MLflow UI shows an experiment tagged mlflow.experimentKind=custom_model_development as
-    model training (the runs table); one made before the tag existed gets it too."""
+def test_experiments_are_tagged_as_model_training(store):
+    """MLflow's experiment type tag says model training (mlflow.experimentKind =
+    custom_model_development), on a new experiment and on one made before the tag existed."""
     made = MlflowClient(store).get_experiment(tracking.ensure_experiment("fresh", store))
     older = MlflowClient(store).create_experiment("older")
     assert tracking.ensure_experiment("older", store) == older
