@@ -68,6 +68,9 @@ VARIANTS = {
     "v_adaln_heun25_4k_b128": variant(**V, **LONGER, **HEUN_25, model__conditioning="adaln"),
     "v_adaln_heun50_4k_b128": variant(**V, **LONGER, model__conditioning="adaln", sample__sampler="heun", sample__steps=50),
     "v_adaln_heun25_12k_b128": variant(**V, **HEUN_25, model__conditioning="adaln", train__steps=12000, train__batch_size=128),
+    "context_4k_b128": variant(**V, **LONGER, **HEUN_25, model__conditioning="adaln", model__use_jet_context=True),
+    "context_12k_b128": variant(**V, **HEUN_25, model__conditioning="adaln", model__use_jet_context=True,
+                                train__steps=12000, train__batch_size=128),
 }
 METRICS = (("w1m", 1e3), ("w1p", 1e3), ("w1efp", 1e5), ("fpd", 1e3), ("kpd", 1e3), ("cov", 1.0), ("mmd", 1e3),
            ("far_particles", 1e2), ("pt_rel_sum_over", 1e2))

@@ -104,9 +104,9 @@ class SetsSplit:
         self.x = ((particles - mean) / std * self.mask[..., None]).astype(np.float32)
         self.labels = sets["labels"].astype(np.int32)
         self.multiplicity = self.mask.sum(axis=1)
-        self.context = None
+        self.context, self.jet_feature_names = None, []
         if use_context:
-            jet_names = list(sets["jet_feature_names"])
+            jet_names = self.jet_feature_names = list(sets["jet_feature_names"])
             if not set(jet_names) <= normalisation["jets"].keys():
                 raise PipelineError(
                     f"{path} holds jet features {jet_names}, but the model is conditioned on {list(normalisation['jets'])}; "

@@ -42,6 +42,12 @@ has a further factor ``prod_i 1 / pt_rel_i``: ``sum_i ln pt_rel_i`` joins ``n su
 does not compare jets of different multiplicities (nor, through ``sigma``, models trained with
 different normalisations).
 
+A model with ``model.use_jet_context`` is conditioned on the jet's features ``w`` (pt, eta, mass
+and ``n``): it bounds ``-ln p(s | w, c)``, the same terms without ``-ln p(n | c)`` (``n`` is among
+the given features, whose density nothing models). Its anomaly score is then conditional on the
+jet's mass and pT: it ranks jets by how unusual their particles are for jets of that mass, and
+does not see an unusual mass itself (``nelbo.h5``'s ``given`` attribute says which case it is).
+
 Scores per jet, in ``nelbo.h5``:
 
 * ``nll_nats``: the bound on ``-ln p(s, n | c)`` above, given the jet's own class, for the classes
@@ -180,7 +186,11 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
         )
     per_class = nelbo_per_class(cfg, split, len(model_classes), progress)
     train_multiplicity = train["mask"].sum(axis=1)
-    log_p_multiplicity = multiplicity_log_probability(train_multiplicity, train["labels"], len(model_classes), n_max)
+    if cfg.model.use_jet_context:  # n is among the given jet features: no term for its probability
+        log_p_multiplicity, given = np.zeros((len(model_classes), n_max + 1)), ["class", *split.jet_feature_names]
+    else:
+        log_p_multiplicity = multiplicity_log_probability(train_multiplicity, train["labels"], len(model_classes), n_max)
+        given = ["class"]
     nll_per_class = jet_nll_nats(per_class, split.multiplicity, split.x.shape[-1], split.log_jacobian(), log_p_multiplicity)
     with np.errstate(divide="ignore"):
         log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
@@ -195,7 +205,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
         file["nll_nats"], file["nll_nats_per_class"], file["anomaly_score"] = nll_nats, nll_per_class, anomaly_score
         file["nelbo_bpd"], file["nelbo_bpd_per_class"] = nelbo_bpd, per_class
         file["multiplicity"], file["labels"] = split.multiplicity, split.labels
-        file.attrs.update(class_names=split.class_names, model_class_names=model_classes, source=str(path))
+        file.attrs.update(class_names=split.class_names, model_class_names=model_classes, source=str(path), given=given)
 
     metrics = {name: float(np.mean(values[known])) if known.any() else float("nan")
                for name, values in (("nll_nats", nll_nats), ("nelbo_bpd", nelbo_bpd))}

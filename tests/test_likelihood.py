@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import compose_config
-from pipeline.config import PARTICLE_FEATURES
+from pipeline.config import JET_FEATURES, PARTICLE_FEATURES
 from pipeline.likelihood import score_file
 from pipeline.sets import write_sets
 from pipeline.files import PipelineError, write_config
@@ -28,7 +28,7 @@ TRAIN_MULTIPLICITIES = [3] * 20 + [4] * 12 + [6] * 8
 # Scored jets: seen multiplicities, an unseen one (5) and the largest allowed (N_MAX).
 SCORED_MULTIPLICITIES = [3, 4, 6, 5, N_MAX] * 8
 NARROW_SPREAD, WIDE_SPREAD = 0.05, 0.4  # standard deviation of eta_rel and phi_rel
-MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
+MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.use_jet_context=false"]
 # Steps are cheap (compiling dominates the fixture's ~30 s of CPU); 300 at a high learning rate
 # separate the classes with a wide margin (AUC ~0.99).
 TRAIN = ["train.steps=300", "train.batch_size=8", "train.warmup_steps=5", "train.learning_rate=1e-2", "train.val_every=300",
@@ -46,7 +46,7 @@ def synthetic_particles(rng: np.random.Generator, multiplicities: list[int], spr
 
 
 def write_split(path, particles, mask, labels, class_names) -> None:
-    with write_sets(path, n_max=particles.shape[1], feature_names=PARTICLE_FEATURES, jet_feature_names=["pt", "eta", "mass", "n_particles"],
+    with write_sets(path, n_max=particles.shape[1], feature_names=PARTICLE_FEATURES, jet_feature_names=JET_FEATURES,
                     class_names=class_names, source="synthetic", config="") as writer:
         jets = np.column_stack([np.full(len(labels), 1000.0), np.zeros(len(labels)), np.full(len(labels), 100.0), mask.sum(axis=1)])
         writer.append(particles, mask, jets.astype(np.float32), np.asarray(labels, np.int32))
@@ -67,6 +67,7 @@ def narrow_model(tmp_path_factory):
     normalisation = {"particles": {name: {"mean": float(real[:, i].mean()), "std": float(real[:, i].std())}
                                    for i, name in enumerate(PARTICLE_FEATURES)},
                      "jets": {}, "n_train_particles": len(real), "n_train_jets": len(TRAIN_MULTIPLICITIES)}  # as preprocess writes it
+    normalisation["jets"] = {name: {"mean": 0.0, "std": 1.0} for name in JET_FEATURES}  # only the context model reads them
     (processed / "normalisation.json").write_text(json.dumps(normalisation))
     narrow, narrow_mask = synthetic_particles(rng, SCORED_MULTIPLICITIES, NARROW_SPREAD)
     wide, wide_mask = synthetic_particles(rng, SCORED_MULTIPLICITIES, WIDE_SPREAD)
@@ -118,6 +119,30 @@ def test_the_likelihood_of_a_jet_adds_its_ordering_multiplicity_and_units_to_the
         assert scores["nll_nats_per_class"][row, 0] == pytest.approx(expected, rel=1e-6)  # the model reads std as float32
     # With one class, the label-free score is that class's likelihood.
     np.testing.assert_allclose(scores["anomaly_score"], scores["nll_nats_per_class"][:, 0], rtol=1e-12)
+
+
+def test_a_model_given_the_jet_features_scores_particles_given_them(narrow_model, tmp_path):
+    """With ``model.use_jet_context`` the multiplicity is among the given jet features: the bound
+    is NELBO_nats - ln n! + n sum_f ln std_f, without the -ln p(n) of the density over jets, and
+    the file says what the likelihood is conditioned on."""
+    cfg = compose_config(*(f"{key}={value}" for key, value in (
+        ("results_dir", tmp_path / "results"), ("data.processed_dir", narrow_model.data.processed_dir),
+        ("data.class_names", "[narrow]"), ("likelihood.sets", narrow_model.likelihood.sets))),
+        *MODEL, "model.use_jet_context=true", *TRAIN, "train.steps=20", *SCORE)
+    train_dir = tmp_path / "results" / "train"
+    summary = train(cfg, train_dir, primary=False, progress=False)
+    write_config(cfg, train_dir / "config.yaml")
+    (train_dir / "checkpoint.json").write_text(json.dumps(summary))
+    score_file(cfg, tmp_path, progress=False)
+    with h5py.File(tmp_path / "nelbo.h5") as file:
+        scores = {name: file[name][...] for name in file} | {"given": list(file.attrs["given"])}
+    assert scores["given"] == ["class", *JET_FEATURES]
+    normalisation = json.loads((Path(cfg.data.processed_dir) / "normalisation.json").read_text())
+    log_std_sum = sum(math.log(normalisation["particles"][name]["std"]) for name in PARTICLE_FEATURES)
+    n = scores["multiplicity"]
+    nelbo_nats = scores["nelbo_bpd_per_class"][:, 0] * n * len(PARTICLE_FEATURES) * math.log(2)
+    expected = nelbo_nats - np.array([math.lgamma(k + 1) for k in n]) + n * log_std_sum
+    np.testing.assert_allclose(scores["nll_nats_per_class"][:, 0], expected, rtol=1e-6)
 
 
 def test_jets_larger_than_the_model_knows_are_refused(narrow_model, tmp_path):
