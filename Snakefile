@@ -16,6 +16,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/report.smk"
 
 
 # Downloads run where Snakemake runs (a login node), never as cluster jobs: compute nodes often

@@ -148,13 +148,17 @@ def chromium() -> str:
     return shutil.which("chromium")
 
 
-def page_text(chromium: str, url: str) -> str:
-    """The text a person sees at ``url`` once its scripts have run and its requests answered
-    (headless Chromium's rendered DOM, tags and scripts removed, whitespace collapsed)."""
-    dom = subprocess.run(
+def rendered_dom(chromium: str, url: str) -> str:
+    """The HTML of ``url`` once its scripts have run and its requests answered (headless Chromium)."""
+    return subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1920,2400",
          "--virtual-time-budget=30000", "--dump-dom", url],
         capture_output=True, text=True, timeout=180,
     ).stdout
+
+
+def page_text(chromium: str, url: str) -> str:
+    """The text a person sees at ``url`` (``rendered_dom``, tags and scripts removed, whitespace collapsed)."""
+    dom = rendered_dom(chromium, url)
     visible = re.sub(r"<(script|style|svg)\b.*?</\1>", " ", dom, flags=re.S)
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", visible)))

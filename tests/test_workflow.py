@@ -1,9 +1,11 @@
 """The Snakemake workflow: it lints, plans, and runs the default experiment for real."""
 
+import base64
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, TINY, copy_workflow, mlflow_ui, page_text, run_stage
+from conftest import PROJECT_ROOT, TINY, copy_workflow, mlflow_ui, page_text, rendered_dom, run_stage
 from pipeline.sets import read_sets
 
 
@@ -158,7 +160,7 @@ def test_every_path_in_a_shell_command_is_quoted():
 
 
 @pytest.mark.slow
-def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, request):
+def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, tmp_path_factory, request):
     """A real `snakemake --cores 2` in a copy of the workflow, with a tiny model."""
     config = copy_workflow(tmp_path)
     result = snakemake("--cores", "2", cwd=tmp_path)
@@ -202,13 +204,20 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, request):
     assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
 
-    # The report as a person opens it: the landing page shows the experiment's metrics table, cell
-    # for cell (last: skips here, saying why, where no browser can be installed).
-    landing = page_text(request.getfixturevalue("chromium"), (tmp_path / "report.html").as_uri())
+    # The report as a person opens it, sent elsewhere (last: skips here, saying why, where no browser
+    # can be installed): the landing page shows the experiment's metrics table, cell for cell, and
+    # its plots per class and jet images, each the plot's own bytes inside the page.
+    elsewhere = tmp_path_factory.mktemp("mailed") / "report.html"
+    shutil.copy(tmp_path / "report.html", elsewhere)
+    chromium = request.getfixturevalue("chromium")
+    landing = page_text(chromium, elsewhere.as_uri())
     header, *rows = [line.split("\t") for line in (tmp_path / "results/demo/evaluate/metrics.tsv").read_text().splitlines()]
     assert " ".join(header) in landing and len(rows) == 8, landing[:3000]
     assert all(" ".join(row) in landing for row in rows), landing[:3000]
-    assert "Its plots: demo" in landing, landing[:3000]
+    images = dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', rendered_dom(chromium, elsewhere.as_uri())))
+    plots = tmp_path / "results/demo/evaluate/plots"
+    assert sorted(images) == sorted(path.name for path in plots.glob("*.png") if "_by_class" in path.name or path.name == "jet_images.png")
+    assert all(base64.b64decode(data) == (plots / name).read_bytes() for name, data in images.items())
 
 
 def assert_lineage(folder, runs):
