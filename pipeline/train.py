@@ -167,7 +167,11 @@ class StopRequest:
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
-        self.signal = received_stop_signal()  # one that arrived before, whose exception was dropped
+        if (number := received_stop_signal()) is not None:
+            # It arrived while the run was set up and its exception was dropped on the way (in a
+            # weakref callback or ``__del__``): nothing trained yet, so nothing to save; stop now.
+            self.__exit__()
+            raise Interrupted(128 + number)
         return self
 
     def _handle(self, number, frame):
