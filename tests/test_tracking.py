@@ -154,7 +154,7 @@ def test_a_stop_signal_ends_the_run_killed_wherever_the_stage_is(store):
 def test_a_stop_signal_whose_exception_python_drops_still_ends_the_stage_killed(store):
     """A signal handler's exception raised while Python runs a ``__del__`` (or a weakref callback,
     as happened during training's set-up) is printed and dropped; the stage must stop all the same,
-    and training's own handler must see the signal too."""
+    and training must not begin (its loop would save an untrained checkpoint)."""
     from pipeline.train import StopRequest
 
     class SignalledWhileCollected:
@@ -162,12 +162,13 @@ def test_a_stop_signal_whose_exception_python_drops_still_ends_the_stage_killed(
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
 
     previous = signal.getsignal(signal.SIGTERM)
+    trained = False
     with pytest.raises(Interrupted) as raised:
         with stage_run("signals", "train", {"seed": 1}) as run:
             SignalledWhileCollected()  # collected at once: Python prints "Exception ignored in ..."
-            with StopRequest() as stop_request:
-                seen_by_training = stop_request.signal
-    assert raised.value.code == 128 + signal.SIGTERM and seen_by_training == signal.SIGTERM
+            with StopRequest():  # where the training loop begins
+                trained = True
+    assert raised.value.code == 128 + signal.SIGTERM and not trained
     assert signal.getsignal(signal.SIGTERM) is previous
     assert MlflowClient(store).get_run(run.info.run_id).info.status == "KILLED"
 
