@@ -8,6 +8,9 @@ rule toy:
     log:
         "results/{experiment}/logs/toy.log",
     threads: 1
+    # First: on few cores it then runs beside the one-core generate jobs, off the critical path,
+    # instead of holding a core that preprocessing and training (two threads each) wait for.
+    priority: 1
     resources:
         mem_mb=2000,
         runtime=30,
