@@ -282,6 +282,13 @@ class LikelihoodConfig:
 
 
 @dataclass
+class ToyConfig:
+    """The toy stage's check of the model on square rings (``pipeline.toy``)."""
+
+    steps: int | None = None  # training steps on the rings; default: train.steps
+
+
+@dataclass
 class Config:
     """One pipeline experiment: its name, seed, where its results go, and every stage's settings."""
 
@@ -294,6 +301,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
 
 
 ConfigStore.instance().store(name="schema", node=Config)

@@ -70,7 +70,7 @@ def run_stage(module: str, *overrides: str, cwd=PROJECT_ROOT, env=None) -> subpr
 # A model and run small enough that a stage finishes in seconds on a CPU.
 TINY = [
     "model.d_model=16", "model.n_layers=1", "model.n_heads=2",
-    "train.steps=30", "train.batch_size=8", "train.warmup_steps=5", "train.log_every=10",
+    "train.steps=30", "train.batch_size=8", "train.warmup_steps=5", "train.log_every=10", "toy.steps=20",
     "sample.steps=4", "sample.n_jets=20",
     "evaluate.n_jets=300", "evaluate.fpd_min_jets=40", "evaluate.fpd_max_jets=80", "evaluate.fpd_points=3",
     "evaluate.fpd_batches=2", "evaluate.kpd_batches=3", "evaluate.kpd_jets=40", "evaluate.cov_mmd_jets=10",

@@ -290,6 +290,8 @@ def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a
         assert result.returncode == 0, result.stderr
         [run] = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
         assert run.data.tags[STAGE_TAG] == "toy" and run.data.params["train.steps"] == "30"
+        # It trains toy.steps steps on the rings, not train.steps: its last loss is logged at step 19.
+        assert max(point.step for point in client.get_metric_history(run.info.run_id, "loss_bpd")) == 19
         assert "inside_square" in run.data.metrics
         assert "config.yaml" in {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "mlflow.db").is_file()

@@ -167,7 +167,7 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, tmp_path_f
     assert result.returncode == 0, result.stdout + result.stderr
     toy_metrics = json.loads((tmp_path / "results/demo/toy/metrics.json").read_text())
     assert (tmp_path / "results/demo/toy/samples.png").stat().st_size > 0
-    assert yaml.safe_load((tmp_path / "results/demo/toy/config.yaml").read_text())["train"]["steps"] == 30
+    assert yaml.safe_load((tmp_path / "results/demo/toy/config.yaml").read_text())["toy"]["steps"] == 20
     train = read_sets(tmp_path / "data/processed/pythia/train.h5")
     assert train["class_names"] == ["g", "q", "t"] and len(train["labels"]) == round(0.6 * 3 * 2 * 20)  # the pythia dataset: 60% train
     runs = mlflow.search_runs(experiment_names=["demo"])
@@ -202,6 +202,7 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, tmp_path_f
     assert planned_rules("train.steps=40") == {"train", "sample", "evaluate", "toy", "all"}
     assert planned_rules("sample.steps=5") == {"sample", "evaluate", "toy", "all"}
     assert planned_rules("evaluate.cov_mmd_batches=3") == {"evaluate", "all"}
+    assert planned_rules("toy.steps=25") == {"toy", "all"}
     assert planned_rules("data.generator.jets_per_shard=21") >= {"generate", "preprocess", "train", "evaluate"}
 
     # The report as a person opens it, sent elsewhere (last: skips here, saying why, where no browser

@@ -57,7 +57,7 @@ wildcard_constraints:
 # The config groups a stage reads: each rule passes only the overrides of the groups its stage and
 # the stages before it read (and those of no group, e.g. seed), so that changing an evaluate
 # setting reruns evaluate, a train setting train and what follows it, and nothing upstream.
-STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood")
+STAGE_GROUPS = ("data", "model", "train", "sample", "evaluate", "likelihood", "toy")
 
 
 # Every override of the workflow config is read by Hydra's own parser, as the stages will read it.

@@ -49,7 +49,7 @@ rule evaluate:
             labels={"experiment": "{experiment}", "figure": "{name}"},
         ),
     params:
-        hydra=hydra_args(*STAGE_GROUPS),
+        hydra=hydra_args(*(group for group in STAGE_GROUPS if group != "toy")),
         settings=evaluate_settings,
     log:
         "results/{experiment}/logs/evaluate.log",

@@ -4,7 +4,7 @@ rule toy:
         metrics="results/{experiment}/toy/metrics.json",
         plot="results/{experiment}/toy/samples.png",
     params:
-        hydra=hydra_args("model", "train", "sample"),
+        hydra=hydra_args("model", "train", "sample", "toy"),
     log:
         "results/{experiment}/logs/toy.log",
     threads: 1
