@@ -1,8 +1,9 @@
 """Toy stage: learn class-conditional square rings, a known answer, with the configured model.
 
 ``python -m pipeline.toy [overrides]`` trains the experiment's model (``model``, ``train`` and
-``sample`` settings; ``toy.steps`` steps, by default ``train.steps``) on sets of 2-D points where class ``k`` of 3 fills the square ring
-``k/3 <= max(|x|, |y|) < (k+1)/3`` (``setdiff.toy``), samples from it and scores the samples:
+``sample`` settings; ``toy.steps`` steps, by default ``train.steps``) on sets of 2-D points where
+class ``k`` of 3 fills the square ring ``k/3 <= max(|x|, |y|) < (k+1)/3`` (``setdiff.toy``),
+samples from it and scores the samples:
 
 * ``inside_square``: fraction of generated points inside ``[-1, 1]^2`` (1 is perfect);
 * ``own_ring``: fraction in the ring of their own class (chance is about 1/3);
