@@ -285,7 +285,7 @@ class LikelihoodConfig:
 class ToyConfig:
     """The toy stage's check of the model on square rings (``pipeline.toy``)."""
 
-    steps: int | None = None  # training steps on the rings; default: train.steps
+    steps: int = "${train.steps}"  # training steps on the rings
 
 
 @dataclass

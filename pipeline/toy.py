@@ -86,17 +86,15 @@ def main(cfg: Config) -> None:
         data_rng = np.random.default_rng(cfg.seed)
         rng = jax.random.key(cfg.seed)
 
-        steps = cfg.toy.steps if cfg.toy.steps is not None else cfg.train.steps
-
         def log(step, metrics):
-            if step % cfg.train.log_every == 0 or step == steps - 1:
+            if step % cfg.train.log_every == 0 or step == cfg.toy.steps - 1:
                 mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
 
         start = time.perf_counter()
         state = fit(
             model,
             lambda step: square_ring_sets(data_rng, cfg.train.batch_size, n_classes=N_CLASSES),
-            steps,
+            cfg.toy.steps,
             rng,
             learning_rate=cfg.train.learning_rate,
             warmup_steps=cfg.train.warmup_steps,
@@ -109,7 +107,7 @@ def main(cfg: Config) -> None:
             model, state.ema_params, jax.random.fold_in(rng, 1), test,
             cfg.sample.sampler.value, cfg.sample.steps, cfg.sample.guidance_scale,
         )
-        metrics["train_sets_per_second"] = steps * cfg.train.batch_size / train_seconds
+        metrics["train_sets_per_second"] = cfg.toy.steps * cfg.train.batch_size / train_seconds
         mlflow.log_metrics(metrics)
         with atomic_output(output_dir / "metrics.json") as file:
             json.dump(metrics, file, indent=2)
