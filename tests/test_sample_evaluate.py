@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -123,6 +124,32 @@ def test_any_two_sets_files_compare_and_a_file_with_itself_scores_near_zero(trai
     assert "sample.g.w1m" not in metrics
     # Identical files differ only by the bootstrap draws; the val split is a different sample.
     assert metrics["sample.all.w1p"] < metrics["truth.all.w1p"]
+
+
+def test_a_damaged_sets_file_is_refused_naming_it_and_nothing_is_written(trained, tmp_path):
+    """Bytes flipped inside one compressed chunk of the particles (a bad disk, a broken copy): the
+    chunk's checksum fails, and evaluate stops with one sentence naming the file, not with metrics
+    computed from whatever the damaged bytes decode to."""
+    _, processed = trained
+    damaged = tmp_path / "samples.h5"
+    damaged.write_bytes((processed / "test.h5").read_bytes())
+    with h5py.File(damaged, "r") as file:
+        assert all(file[name].fletcher32 for name in ("particles", "mask", "jets", "labels"))  # as written
+        chunk = file["particles"].id.get_chunk_info(0)
+    middle = chunk.byte_offset + chunk.size // 2
+    with damaged.open("r+b") as file:
+        file.seek(middle)
+        flipped = bytes(byte ^ 0xFF for byte in file.read(16))
+        file.seek(middle)
+        file.write(flipped)
+    output = tmp_path / "evaluated"
+    args = [*EVALUATE, f"evaluate.samples={damaged}", "evaluate.per_class=false", f"hydra.run.dir={output}"]
+    result = run_stage("evaluate", *stage_args(tmp_path, processed, *args))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"evaluate: error: {damaged} is damaged: a chunk of its 'particles' data fails its checksum"), message
+    assert message.endswith("rerun the stage that makes it."), message
+    assert not (output / "metrics.json").exists()
 
 
 def test_a_generated_file_cannot_feed_a_context_conditioned_model(trained, tmp_path):
