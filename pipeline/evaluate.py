@@ -65,7 +65,7 @@ from omegaconf import DictConfig
 from . import metrics as jet_metrics
 from .config import PARTICLE_FEATURES, Config
 from .plots import plot_comparison
-from .sets import count_jets, read_sets
+from .sets import count_jets, open_sets, read_sets
 from .files import PipelineError, atomic_output
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
@@ -108,13 +108,14 @@ def input_paths(cfg: DictConfig) -> dict[str, Path | None]:
 
 
 def load(path: Path, max_jets: int, rng: np.random.Generator) -> dict:
-    """A sets file, or a seeded random subset of ``max_jets`` of its jets (in file order)."""
-    sets = read_sets(path)
+    """A sets file, or a seeded random subset of ``max_jets`` of its jets (in file order), read
+    without holding the rest of the file in memory."""
+    with open_sets(path) as file:
+        n_jets = len(file["labels"])
+    keep = np.sort(rng.choice(n_jets, size=max_jets, replace=False)) if n_jets > max_jets else None
+    sets = read_sets(path, rows=keep)
     if list(sets["feature_names"]) != PARTICLE_FEATURES:
         raise PipelineError(f"{path} holds particle features {sets['feature_names']}; the metrics need {PARTICLE_FEATURES}.")
-    if len(sets["labels"]) > max_jets:
-        keep = np.sort(rng.choice(len(sets["labels"]), size=max_jets, replace=False))
-        sets = {**sets, **{name: sets[name][keep] for name in ("particles", "mask", "jets", "labels")}}
     return sets
 
 

@@ -89,12 +89,10 @@ def count_jets(path) -> int:
         return file["labels"].shape[0]
 
 
-def read_sets(path, datasets=DATASETS) -> dict:
-    """The ``datasets`` (default: every one) and every attribute of a sets file, as numpy arrays and
-    Python values.
-
-    Refuses a file that is not a sets file of this schema version, saying which.
-    """
+@contextmanager
+def open_sets(path) -> Iterator[h5py.File]:
+    """The sets file ``path`` open for reading. Refuses a file that is not a sets file of this schema
+    version, saying which."""
     path = Path(path)
     try:
         file = h5py.File(path, "r")
@@ -109,13 +107,40 @@ def read_sets(path, datasets=DATASETS) -> dict:
             raise PipelineError(
                 f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}; rerun the stage that makes it."
             )
+        yield file
+
+
+def read_sets(path, datasets=DATASETS, rows: np.ndarray | None = None) -> dict:
+    """The ``datasets`` (default: every one) and every attribute of a sets file, as numpy arrays and
+    Python values; only the jets ``rows`` (increasing indices) if given, read one HDF5 chunk at a
+    time, so memory holds the rows and one chunk, not the file.
+
+    Refuses a file that is not a sets file of this schema version, or a damaged one, saying which.
+    """
+    with open_sets(path) as file:
         sets = {}
         for name in datasets:
             try:
-                sets[name] = file[name][...]
+                sets[name] = file[name][...] if rows is None else read_rows(file[name], rows)
             except OSError as error:
                 raise PipelineError(f"{path} is damaged: a chunk of its {name!r} data fails its checksum or does not decompress "
                                     f"({error}); rerun the stage that makes it.") from None
         for name, value in file.attrs.items():
             sets[name] = [str(item) for item in value] if isinstance(value, np.ndarray) else value
     return sets
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for increasing ``rows``, decompressing only the chunks that hold them, each once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= len(dataset)):
+        raise ValueError(f"rows must increase and lie within the {len(dataset)} jets of {dataset.name}")
+    selected = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
+    chunk_length = dataset.chunks[0] if dataset.chunks else max(len(dataset), 1)
+    chunk_starts = np.arange(0, len(dataset) + chunk_length, chunk_length)
+    bounds = np.searchsorted(rows, chunk_starts)  # rows[bounds[i]:bounds[i + 1]] fall in chunk i
+    for start, first, last in zip(chunk_starts, bounds[:-1], bounds[1:]):
+        if last > first:
+            chunk = dataset[start : start + chunk_length]
+            selected[first:last] = chunk[rows[first:last] - start]
+    return selected

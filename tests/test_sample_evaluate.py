@@ -1,6 +1,7 @@
 """Sampling and evaluation stages, run as a user runs them on a tiny trained model."""
 
 import json
+import tracemalloc
 
 import h5py
 import mlflow
@@ -9,7 +10,9 @@ import pytest
 
 from conftest import run_stage
 from jet_files import processed_dataset
+from pipeline.evaluate import load as load_for_evaluation
 from pipeline.input_pipeline import SetsSplit
+from pipeline.config import PARTICLE_FEATURES
 from pipeline.sample import SAMPLE_JET_FEATURES
 from pipeline.sets import read_sets, write_sets
 from pipeline.checkpoints import load_checkpoint
@@ -124,6 +127,28 @@ def test_any_two_sets_files_compare_and_a_file_with_itself_scores_near_zero(trai
     assert "sample.g.w1m" not in metrics
     # Identical files differ only by the bootstrap draws; the val split is a different sample.
     assert metrics["sample.all.w1p"] < metrics["truth.all.w1p"]
+
+
+def test_evaluate_reads_its_subset_of_a_large_file_without_holding_the_file(tmp_path):
+    """``evaluate.max_jets`` of a file's jets, drawn at random, are the rows of the whole file that the
+    same draw picks, and reading them holds a few HDF5 chunks beyond them, not the file."""
+    rng = np.random.default_rng(0)
+    n_jets, n_max = 40_000, 30
+    with write_sets(tmp_path / "large.h5", n_max=n_max, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt"],
+                    class_names=["g", "t"], source="test", config="") as writer:
+        for _ in range(4):
+            writer.append(rng.normal(size=(n_jets // 4, n_max, 3)).astype(np.float32), rng.random((n_jets // 4, n_max)) < 0.5,
+                          rng.normal(size=(n_jets // 4, 1)).astype(np.float32), rng.integers(0, 2, n_jets // 4).astype(np.int32))
+    tracemalloc.start()
+    subset = load_for_evaluation(tmp_path / "large.h5", 1000, np.random.default_rng(7))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    whole = read_sets(tmp_path / "large.h5")
+    rows = np.sort(np.random.default_rng(7).choice(n_jets, size=1000, replace=False))
+    for name in ("particles", "mask", "jets", "labels"):
+        np.testing.assert_array_equal(subset[name], whole[name][rows], err_msg=name)
+    assert peak < whole["particles"].nbytes / 10, (peak, whole["particles"].nbytes)  # 14.4 MB of particles
+    assert len(load_for_evaluation(tmp_path / "large.h5", n_jets + 1, rng)["labels"]) == n_jets  # a cap above the file: all
 
 
 def test_a_damaged_sets_file_is_refused_naming_it_and_nothing_is_written(trained, tmp_path):
