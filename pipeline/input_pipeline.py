@@ -93,7 +93,6 @@ class SetsSplit:
             if (pt_rel[self.mask] <= 0).any():
                 raise PipelineError(f"{path} holds particles with pt_rel <= 0, whose logarithm model.log_pt_rel cannot take; "
                                     "drop them or train with model.log_pt_rel=false.")
-            particles = particles.copy()
             particles[..., self.log_column] = np.log(np.where(self.mask, pt_rel, 1.0))
             statistics[self.log_column] = normalisation["log_particles"]["pt_rel"]
         mean = np.array([entry["mean"] for entry in statistics], np.float32)
@@ -101,7 +100,11 @@ class SetsSplit:
         if not (std > 0).all():
             raise PipelineError(f"{normalisation_path} has a zero standard deviation; the train split is degenerate, preprocess more jets.")
         self.particle_mean, self.particle_std = mean, std  # x = (features - mean) / std on real elements
-        self.x = ((particles - mean) / std * self.mask[..., None]).astype(np.float32)
+        # In place: the split's bytes are held once, not once per step of the expression.
+        particles -= mean
+        particles /= std
+        particles *= self.mask[..., None]
+        self.x = particles
         self.labels = sets["labels"].astype(np.int32)
         self.multiplicity = self.mask.sum(axis=1)
         self.context, self.jet_feature_names = None, []
