@@ -77,8 +77,9 @@ class SetsSplit:
     positive ones. Padding stays exactly zero.
     """
 
-    def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool = False):
-        sets = read_sets(path)
+    def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool = False,
+                 rows: np.ndarray | None = None):
+        sets = read_sets(path, rows=rows)  # only ``rows`` (increasing) of the file, if given
         normalisation = json.loads(Path(normalisation_path).read_text())
         self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
         self.mask = sets["mask"]

@@ -42,7 +42,7 @@ from .checkpoints import trained_model
 from .config import PARTICLE_FEATURES, Config, MaskSource
 from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .jets import jet_from_relative_particles
-from .sets import count_jets, write_sets
+from .sets import count_jets, read_sets, write_sets
 from .files import PipelineError
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
@@ -50,13 +50,14 @@ from .tracking import READ, WRITTEN, FileDataset, log_files
 SAMPLE_JET_FEATURES = ["pt_rel", "eta_rel", "mass_rel", "n_particles"]
 
 
-def template_rows(split: SetsSplit, n_per_class: int, source: MaskSource, rng: np.random.Generator) -> np.ndarray:
-    """Rows of ``split`` whose masks (and context) the generated jets copy, ``n_per_class`` per class:
-    drawn with replacement (``train``), or the class's first rows one for one (``test``, fewer if
-    the split has fewer)."""
+def template_rows(labels: np.ndarray, class_names: list[str], n_per_class: int, source: MaskSource,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Rows of the template split (its ``labels``) whose masks (and context) the generated jets copy,
+    ``n_per_class`` per class: drawn with replacement (``train``), or the class's first rows one for
+    one (``test``, fewer if the split has fewer)."""
     rows = []
-    for label, name in enumerate(split.class_names):
-        of_class = np.flatnonzero(split.labels == label)
+    for label, name in enumerate(class_names):
+        of_class = np.flatnonzero(labels == label)
         if len(of_class) == 0:
             raise PipelineError(f"the {source.value} split has no jets of class {name}; preprocess a dataset that has them.")
         if source == MaskSource.train:
@@ -99,13 +100,17 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     for path in (template, processed / "normalisation.json"):
         if not path.is_file():
             raise PipelineError(f"{path} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
-    split = SetsSplit(template, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
+    # The rows to copy are chosen from the labels alone; only those rows are read (a train split
+    # need not fit in memory).
+    labels = read_sets(template, datasets=("labels",))
+    rng = np.random.default_rng(cfg.seed)
+    chosen = template_rows(labels["labels"], labels["class_names"], cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
+    distinct, rows = np.unique(chosen, return_inverse=True)  # rows: positions in the distinct rows read
+    split = SetsSplit(template, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=distinct)
     if split.feature_names != PARTICLE_FEATURES:
         raise PipelineError(f"{processed} holds features {split.feature_names}; sampling writes {PARTICLE_FEATURES}, preprocess again.")
     model, params, checkpoint = trained_model(cfg, split.x.shape[-1], len(split.class_names))
 
-    rng = np.random.default_rng(cfg.seed)
-    rows = template_rows(split, cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
     if len(rows) < cfg.sample.n_jets * len(split.class_names):
         print(f"sample: the test split has fewer than {cfg.sample.n_jets} jets of some class; generating {len(rows)} jets, "
               "one per test jet", flush=True)

@@ -296,6 +296,17 @@ def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, 
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-3)  # ... and agrees to bfloat16 precision
 
 
+@pytest.mark.parametrize("log_pt_rel", [False, True])
+def test_a_split_read_in_part_holds_exactly_those_rows_of_the_whole(processed, log_pt_rel):
+    """What sampling reads of its template split: only the rows it copies, standardised as the whole."""
+    whole = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True, log_pt_rel=log_pt_rel)
+    rows = np.array([0, 1, 17, 40, len(whole) - 1])
+    part = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True, log_pt_rel=log_pt_rel, rows=rows)
+    for name in ("x", "mask", "labels", "multiplicity", "context"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[rows], err_msg=name)
+    np.testing.assert_array_equal(part.log_jacobian(), whole.log_jacobian()[rows])
+
+
 def test_log_pt_rel_reads_the_logarithm_standardised_and_maps_back_with_its_jacobian(processed):
     """model.log_pt_rel: the model's pt_rel coordinate is (log pt_rel - mean) / std with the train
     split's statistics of log pt_rel (written by preprocess); to_physical inverts it exactly, and
