@@ -13,8 +13,8 @@ Attributes: ``feature_names``, ``jet_feature_names``, ``class_names``, ``schema_
 ``source``, ``config`` (the resolved YAML that made the file), plus whatever the writer adds
 (``pipeline.preprocess`` records its source files with their SHA-256 and what it dropped).
 Particles are sorted by decreasing ``pt_rel``. Files are written chunked, compressed and
-checksummed, and appear only when complete (written under a temporary name, renamed at the end); a
-damaged file is refused when it is read, never read as wrong numbers.
+checksummed (a damaged chunk fails its checksum when read, and the file is refused), and appear only
+when complete (written under a temporary name, renamed at the end).
 """
 
 from __future__ import annotations
