@@ -7,8 +7,8 @@ multiplicities uniform in 5..n_max, and its ``normalisation.json``) is written t
 folder, and a fresh Python process builds the training input exactly as ``pipeline.train`` does
 (``SetsSplit`` of the train split, then ``TrainBatches``) and draws ``--steps`` batches of
 ``--batch-size`` jets, cut to their padding. Printed per size: the dataset's bytes as float32 sets,
-seconds to load it, jets/s delivered, and the process's peak resident memory (``ru_maxrss``, which
-includes Python, numpy and h5py: ~0.1 GB). Jets/s is single-threaded, as the trainer's background
+seconds to load it, jets/s delivered, and the process's peak resident memory (``VmHWM``, which
+includes Python, numpy and h5py). Jets/s is single-threaded, as the trainer's background
 thread runs it; compare it with the training step's consumption (``bench_setdiff.py``,
 ``bench_train.py``). Figures go in benchmarks/README.md.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,8 +59,16 @@ def measure(folder: Path, batch_size: int, steps: int) -> dict:
     for step in range(1, steps + 1):
         batches(step)
     draw_seconds = time.perf_counter() - start
-    return {"load_s": load_seconds, "jets_per_s": steps * batch_size / draw_seconds,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    return {"load_s": load_seconds, "jets_per_s": steps * batch_size / draw_seconds, "peak_rss_gb": peak_resident_gb()}
+
+
+def peak_resident_gb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``, which Linux carries over
+    from the parent across fork and exec, so it would count the writer's memory too."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("/proc/self/status has no VmHWM line; this benchmark needs Linux")
 
 
 def main() -> None:
