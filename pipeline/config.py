@@ -248,6 +248,7 @@ class SampleConfig:
     batch_size: int = 1_024
     masks: MaskSource = MaskSource.train
     checkpoint: CheckpointChoice = CheckpointChoice.best
+    rescale_pt_rel: bool = True  # scale each jet's pt_rel to add up to its template jet's, as its multiplicity is copied
 
 
 @dataclass

@@ -84,6 +84,10 @@ class SetsSplit:
         self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
         self.mask = sets["mask"]
         particles = sets["particles"]
+        # Each jet's sum of momentum fractions (below 1 where the jet has more than n_max particles):
+        # sampling gives it to the jet generated on this one's template.
+        pt_rel = particles[..., self.feature_names.index("pt_rel")]
+        self.pt_rel_sum = pt_rel.sum(axis=1, where=self.mask, dtype=np.float64)
         statistics = [normalisation["particles"][name] for name in self.feature_names]
         self.log_column = self.feature_names.index("pt_rel") if log_pt_rel else None
         if log_pt_rel:

@@ -70,6 +70,18 @@ def test_test_masks_are_copied_one_for_one(trained, tmp_path):
     samples, test = read_sets(tmp_path / "samples.h5"), read_sets(processed / "test.h5")
     for label in range(3):  # fewer test jets than asked for: each is used once
         assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
+    # Jet j of the file was made on the template test jet j (classes in order): its momentum
+    # fractions add up to that jet's (sample.rescale_pt_rel, the default), except where this barely
+    # trained model put every pt_rel of a jet below zero (clipped to 0, nothing to scale).
+    template = np.concatenate([np.flatnonzero(test["labels"] == label) for label in range(3)])
+    assert (samples["mask"].sum(1) == test["mask"][template].sum(1)).all()
+    template_sum = np.where(test["mask"], test["particles"][..., 2], 0).sum(1)[template]
+    generated_sum = samples["particles"][..., 2].sum(1)
+    scaled = generated_sum > 0
+    assert scaled.mean() > 0.8
+    np.testing.assert_allclose(generated_sum[scaled], template_sum[scaled], rtol=1e-5)
+    with h5py.File(tmp_path / "samples.h5") as file:
+        assert file.attrs["rescale_pt_rel"]
 
 
 def test_sampling_without_a_trained_model_says_what_to_do(tmp_path, trained):
@@ -197,9 +209,17 @@ def test_a_model_conditioned_on_jet_features_samples_with_each_test_jets_context
     summary = json.loads((results / "train" / "checkpoint.json").read_text())
     assert "context_embedding" in load_checkpoint(summary["latest"])["params"]["params"]["score_net"]
     result = run_stage("sample", *stage_args(results, processed, "model.use_jet_context=true", "sample.n_jets=1000", "sample.steps=2",
-                                             "sample.masks=test", f"hydra.run.dir={tmp_path / 'sample'}"))
+                                             "sample.masks=test", "sample.rescale_pt_rel=false",
+                                             f"hydra.run.dir={tmp_path / 'sample'}"))
     assert result.returncode == 0, result.stderr
     samples, test = read_sets(tmp_path / "sample" / "samples.h5"), read_sets(processed / "test.h5")
     for label in range(3):
         assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
     assert np.isfinite(samples["particles"]).all()
+    # Without the rescaling the model's own momentum sums are written, which a barely trained
+    # model gets wrong, and the file says so.
+    template = np.concatenate([np.flatnonzero(test["labels"] == label) for label in range(3)])
+    template_sum = np.where(test["mask"], test["particles"][..., 2], 0).sum(1)[template]
+    assert not np.allclose(samples["particles"][..., 2].sum(1), template_sum, rtol=1e-2)
+    with h5py.File(tmp_path / "sample" / "samples.h5") as file:
+        assert not file.attrs["rescale_pt_rel"]
