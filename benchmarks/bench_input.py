@@ -1,16 +1,21 @@
 """The training input's memory and speed against the size of the dataset.
 
-    python benchmarks/bench_input.py [--jets 10000000 1000000] [--n-max 30] [--batch-size 256] [--steps 300]
+    python benchmarks/bench_input.py [--jets 10000000 1000000] [--n-max 30] [--batch-size 256] [--steps 3000]
+                                     [--train-steps 100]
 
 For each size, a synthetic processed dataset (``train.h5`` in the sets layout of ``pipeline.sets``,
-multiplicities uniform in 5..n_max, and its ``normalisation.json``) is written to a temporary
-folder, and a fresh Python process builds the training input exactly as ``pipeline.train`` does
-(``SetsSplit`` of the train split, then ``TrainBatches``) and draws ``--steps`` batches of
-``--batch-size`` jets, cut to their padding. Printed per size: the dataset's bytes as float32 sets,
-seconds to load it, jets/s delivered, and the process's peak resident memory (``VmHWM``, which
-includes Python, numpy and h5py). Jets/s is single-threaded, as the trainer's background
-thread runs it; compare it with the training step's consumption (``bench_setdiff.py``,
-``bench_train.py``). Figures go in benchmarks/README.md.
+multiplicities uniform in 5..n_max, a ``val.h5`` of 2 048 jets and their ``normalisation.json``) is
+written to a temporary folder. Then, each in a fresh Python process:
+
+- the input alone: ``TrainBatches`` as ``pipeline.train`` builds it (``train.window_jets`` at its
+  default) draws ``--steps`` batches of ``--batch-size`` jets, cut to their padding;
+- a short training run (``pipeline.train.train``, the demo's small model, ``--train-steps`` steps).
+
+Printed per size: the dataset's bytes as float32 sets, seconds to write it and to open it (reading
+the multiplicities), jets/s the input delivers, the training run's seconds (compilation included;
+the training step's own rate is ``bench_train.py``'s), and the peak resident memory of each process (``VmHWM``, which includes Python, numpy, h5py and, for the
+training run, JAX and the model). Jets/s of the input is single-threaded, as the trainer's
+background thread runs it. Figures go in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -31,10 +36,9 @@ from pipeline.sets import write_sets
 WRITE_JETS = 100_000  # jets generated and appended at a time
 
 
-def write_dataset(folder: Path, n_jets: int, n_max: int, seed: int = 0) -> None:
-    """``train.h5`` of ``n_jets`` random jets and a ``normalisation.json`` of unit statistics."""
-    rng = np.random.default_rng(seed)
-    with write_sets(folder / "train.h5", n_max=n_max, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt"],
+def write_split(path: Path, n_jets: int, n_max: int, rng: np.random.Generator) -> None:
+    """A sets file of ``n_jets`` random jets."""
+    with write_sets(path, n_max=n_max, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt"],
                     class_names=["g", "t"], source="bench_input", config="") as writer:
         for start in range(0, n_jets, WRITE_JETS):
             count = min(WRITE_JETS, n_jets - start)
@@ -42,24 +46,51 @@ def write_dataset(folder: Path, n_jets: int, n_max: int, seed: int = 0) -> None:
             mask = np.arange(n_max) < multiplicity[:, None]
             particles = (rng.normal(size=(count, n_max, 3)) * mask[..., None]).astype(np.float32)
             writer.append(particles, mask, rng.normal(size=(count, 1)).astype(np.float32), rng.integers(0, 2, count).astype(np.int32))
+
+
+def write_dataset(folder: Path, n_jets: int, n_max: int, seed: int = 0) -> None:
+    """``train.h5`` of ``n_jets`` random jets, ``val.h5`` of 2 048 and a ``normalisation.json`` of unit statistics."""
+    rng = np.random.default_rng(seed)
+    write_split(folder / "train.h5", n_jets, n_max, rng)
+    write_split(folder / "val.h5", 2_048, n_max, rng)
     unit = {name: {"mean": 0.0, "std": 1.0} for name in PARTICLE_FEATURES}
-    (folder / "normalisation.json").write_text(json.dumps({"particles": unit, "log_particles": unit, "jets": {"pt": {"mean": 0.0, "std": 1.0}}}))
+    (folder / "normalisation.json").write_text(json.dumps({
+        "particles": unit, "log_particles": unit, "jets": {"pt": {"mean": 0.0, "std": 1.0}},
+        "n_train_particles": n_jets * (5 + n_max) // 2, "n_train_jets": n_jets,
+    }))
 
 
-def measure(folder: Path, batch_size: int, steps: int) -> dict:
-    """Load the train split as training does and draw ``steps`` batches (run in a fresh process)."""
-    from pipeline.input_pipeline import SetsSplit, TrainBatches
+def measure_input(folder: Path, batch_size: int, steps: int) -> dict:
+    """Open the train split as training does and draw ``steps`` batches (run in a fresh process)."""
+    from pipeline.input_pipeline import TrainBatches
 
     start = time.perf_counter()
-    split = SetsSplit(folder / "train.h5", folder / "normalisation.json", use_context=False)
-    batches = TrainBatches(split, batch_size, seed=0, n_local_devices=1)
-    load_seconds = time.perf_counter() - start
-    batches(0)  # the first epoch's permutation
+    batches = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=0, n_local_devices=1)
+    open_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(steps):
         batches(step)
     draw_seconds = time.perf_counter() - start
-    return {"load_s": load_seconds, "jets_per_s": steps * batch_size / draw_seconds, "peak_rss_gb": peak_resident_gb()}
+    return {"open_s": open_seconds, "jets_per_s": steps * batch_size / draw_seconds, "peak_rss_gb": peak_resident_gb()}
+
+
+def measure_training(folder: Path, batch_size: int, steps: int) -> dict:
+    """A short training run of the demo's small model on the dataset (run in a fresh process)."""
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.config  # noqa: F401  (registers the config schema)
+    from pipeline.train import train
+
+    with initialize_config_dir(str(Path(pipeline.config.__file__).parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=small", f"data.processed_dir={folder}", f"train.steps={steps}", f"train.batch_size={batch_size}",
+            "train.warmup_steps=10", f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.val_jets=256",
+        ])
+    with tempfile.TemporaryDirectory(prefix="bench-input-train-") as output:
+        start = time.perf_counter()
+        train(cfg, Path(output), primary=False, progress=False)
+        seconds = time.perf_counter() - start
+    return {"train_s": seconds, "train_peak_rss_gb": peak_resident_gb()}
 
 
 def peak_resident_gb() -> float:
@@ -76,29 +107,35 @@ def main() -> None:
     parser.add_argument("--jets", type=int, nargs="+", default=[10_000_000, 1_000_000])
     parser.add_argument("--n-max", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the folder to measure, in this process
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # internal: what to measure, and the folder
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure), args.batch_size, args.steps)))
+        what, folder = args.measure
+        measure = measure_input if what == "input" else measure_training
+        print(json.dumps(measure(Path(folder), args.batch_size, args.steps if what == "input" else args.train_steps)))
         return
 
-    print(f"n_max {args.n_max}, batch {args.batch_size}, {args.steps} batches, in-memory input (SetsSplit + TrainBatches)")
-    print("| jets | float32 sets GB | write s | load s | jets/s delivered | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print(f"n_max {args.n_max}, batch {args.batch_size}; input: {args.steps} batches; training: {args.train_steps} steps, small model")
+    print("| jets | float32 sets GB | write s | open s | input jets/s | input peak RSS GB | training s | training peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n_jets in args.jets:
         with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
             start = time.perf_counter()
             write_dataset(Path(folder), n_jets, args.n_max)
             write_seconds = time.perf_counter() - start
-            result = subprocess.run(
-                [sys.executable, __file__, "--measure", folder, "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                capture_output=True, text=True, check=True,
-            )
-            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            figures = {}
+            for what in ("input", "training"):
+                result = subprocess.run(
+                    [sys.executable, __file__, "--measure", what, folder, "--batch-size", str(args.batch_size),
+                     "--steps", str(args.steps), "--train-steps", str(args.train_steps)],
+                    capture_output=True, text=True, check=True,
+                )
+                figures.update(json.loads(result.stdout.strip().splitlines()[-1]))
             sets_gb = n_jets * args.n_max * (3 * 4 + 1) / 1e9  # particles and mask
-            print(f"| {n_jets:,} | {sets_gb:.2f} | {write_seconds:.0f} | {figures['load_s']:.1f} | "
-                  f"{figures['jets_per_s']:,.0f} | {figures['peak_rss_gb']:.2f} |", flush=True)
+            print(f"| {n_jets:,} | {sets_gb:.2f} | {write_seconds:.0f} | {figures['open_s']:.1f} | {figures['jets_per_s']:,.0f} | "
+                  f"{figures['peak_rss_gb']:.2f} | {figures['train_s']:.0f} | {figures['train_peak_rss_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from hydra import compose, initialize_config_dir
 import pipeline
 from pipeline.background import in_background
 from pipeline.generate import generate_shard, shard_path, write_root
-from pipeline.input_pipeline import SetsSplit, TrainBatches
+from pipeline.input_pipeline import TrainBatches
+from pipeline.sets import read_sets
 from pipeline.model import build_vdm
 from pipeline.preprocess import preprocess
 from pipeline.train import AXIS, replicate
@@ -82,11 +83,12 @@ def measure(processed: Path, cfg, padding_aware: bool, window: int, steps: int, 
             matmul_size: int) -> dict:
     """Time ``rounds`` blocks of ``steps`` training steps, each right after timing the reference
     matmul; returns per-round jets/s, FLOP rates and MFUs, and the mean padded width."""
-    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", cfg.model.use_jet_context)
     n_local = jax.local_device_count()
-    batches = TrainBatches(split, cfg.train.batch_size, cfg.seed, n_local, padding_aware=padding_aware,
-                           multiplicity_window=window)
-    model = build_vdm(cfg.model, data_dim=split.x.shape[-1], n_classes=len(split.class_names))
+    batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel,
+                           cfg.train.batch_size, cfg.seed, n_local, padding_aware=padding_aware, multiplicity_window=window,
+                           window_jets=cfg.train.window_jets)
+    sets = read_sets(processed / "train.h5", datasets=())
+    model = build_vdm(cfg.model, data_dim=len(sets["feature_names"]), n_classes=len(sets["class_names"]))
     optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.steps, cfg.train.warmup_steps,
                                cfg.train.weight_decay, cfg.train.grad_clip)
     example = {name: array[0] for name, array in batches(0).items()}

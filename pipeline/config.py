@@ -235,6 +235,9 @@ class TrainConfig:
     # > 0: sort each run of this many batches by multiplicity before forming batches, so sets of
     # similar size share one and padding-aware cuts save more (up to 150 particles: try 16)
     multiplicity_window: int = 0
+    # Jets shuffled together and held in memory at a time (divided among the processes): the
+    # input's memory is about this many jets, whatever the train split's size
+    window_jets: int = 262_144
 
 
 @dataclass

@@ -1,25 +1,29 @@
-"""Training batches from a processed split: normalised, shuffled per epoch, cut to their padding, sharded.
+"""Batches from a processed split: normalised, shuffled, cut to their padding, sharded.
 
-A split (``pipeline.sets``) is held in host memory as the model sees it: particle features
-standardised with the train split's ``normalisation.json`` (padding stays exactly zero) and, when
-the model is conditioned on them, the standardised jet features as context. Batch ``b`` of the
-whole run (``epoch = b // batches_per_epoch``) takes rows of a permutation seeded by ``(seed,
-epoch)``, so the batch sequence is a pure function of the seed and the step: a resumed run sees the
-same batches as an uninterrupted one. Incomplete last batches of an epoch are dropped.
+The model sees particle features standardised with the train split's ``normalisation.json``
+(padding stays exactly zero) and, when it is conditioned on them, the standardised jet features as
+context (``SetsSplit``: the rows of a split it was asked for, in host memory).
+
+Training (``TrainBatches``) reads the train split a window at a time, so its memory does not grow
+with the split: epoch ``e`` takes the file's HDF5 chunks in an order seeded by ``(seed, e)``, cuts
+that stream into windows of ``train.window_jets`` jets, shuffles each window (seeded by ``(seed,
+e, window)``) and cuts it into batches; the incomplete last batch of an epoch is dropped. The batch
+sequence is a pure function of the seed and the step: a resumed run sees the same batches as an
+uninterrupted one, and any number of processes sees the same global batches.
 
 Padding-aware batching: a batch is cut to the largest multiplicity among its sets, rounded up to
 a bucket (``bucket_sizes``), so attention costs ~ n_used^2 instead of n_max^2 and only a few shapes
 are ever compiled. Padded elements contribute nothing to the loss (``setdiff``), so a cut batch has
 exactly the loss of the full one. A random batch of hundreds of jets almost always holds one near
 the largest multiplicity, though; with ``multiplicity_window = w > 0`` each run of ``w`` batches of
-the epoch's permutation is sorted by multiplicity before it is cut into batches, and the epoch's
-batches are then taken in a seeded random order. Sets of similar size share a batch and the cut
-saves much more; every set is still seen once per epoch (the usual bucketing by length).
+a window is sorted by multiplicity before it is cut into batches, and the window's batches are then
+taken in a seeded random order. Sets of similar size share a batch and the cut saves much more;
+every set is still seen once per epoch (the usual bucketing by length).
 
 With several processes (multi-host training), process ``p`` of ``P`` takes rows ``p*B/P`` to
-``(p+1)*B/P`` of each global batch of ``B`` sets; every process computes the same bucket from the
-whole batch's multiplicities. The rows are then split over the process's devices:
-``[n_local_devices, B / (P * n_local_devices), ...]``.
+``(p+1)*B/P`` of each global batch of ``B`` sets, and reads only those rows of each window; every
+process computes the same bucket from the whole batch's multiplicities. The rows are then split
+over the process's devices: ``[n_local_devices, B / (P * n_local_devices), ...]``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .files import PipelineError
-from .sets import read_sets
+from .sets import open_sets, read_multiplicities, read_sets
 
 
 def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
@@ -153,48 +157,103 @@ class SetsSplit:
 
 
 class TrainBatches:
-    """The batch of every training step, for this process and sharded over its devices."""
+    """The batch of every training step, for this process and sharded over its devices, read from
+    the train split a window at a time: memory holds one window of ``window_jets`` jets (divided
+    among the processes), whatever the split's size.
 
-    def __init__(self, split: SetsSplit, batch_size: int, seed: int, n_local_devices: int,
-                 process_index: int = 0, process_count: int = 1, padding_aware: bool = True, multiplicity_window: int = 0):
+    The plan of an epoch (``window_batches``): the file's HDF5 chunks (1 024 jets each, as
+    ``pipeline.sets`` writes them) in an order seeded by ``(seed, epoch)`` make a stream of jets; the stream is cut into windows of
+    ``window_jets`` jets (rounded down to whole batches, at least one), and each window's jets are
+    shuffled with ``(seed, epoch, window)`` and cut into batches. A batch so mixes jets of hundreds
+    of chunks from all over the file; a split that fits in one window is shuffled whole. The plan
+    is a pure function of the seed and the step, so a resumed run sees exactly the batches an
+    uninterrupted one would, and it does not depend on the number of processes: process ``p`` of
+    ``P`` reads only its rows of each window (every process decodes the window's chunks, and keeps
+    ``1/P`` of them). The jets' multiplicities (2 bytes a jet) are read once, so that every process
+    cuts each batch to the same bucket and ``multiplicity_window`` sorts within a window.
+    """
+
+    def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool, batch_size: int, seed: int,
+                 n_local_devices: int, process_index: int = 0, process_count: int = 1, padding_aware: bool = True,
+                 multiplicity_window: int = 0, window_jets: int = 262_144):
         n_devices = n_local_devices * process_count
         if batch_size % n_devices:
             raise PipelineError(
                 f"train.batch_size={batch_size} does not divide over {n_devices} devices; choose a multiple of {n_devices}."
             )
-        self.batches_per_epoch = len(split) // batch_size
+        self.path, self.normalisation_path, self.use_context, self.log_pt_rel = path, normalisation_path, use_context, log_pt_rel
+        with open_sets(path) as file:
+            mask = file["mask"]
+            n_jets, self.n_max = mask.shape
+            chunk_length = mask.chunks[0] if mask.chunks else max(n_jets, 1)
+            self.multiplicity = read_multiplicities(path, mask)
+        self.batches_per_epoch = n_jets // batch_size
         if self.batches_per_epoch == 0:
-            raise PipelineError(f"the train split has {len(split)} jets, fewer than train.batch_size={batch_size}; lower it.")
-        self.split, self.batch_size, self.seed, self.multiplicity_window = split, batch_size, seed, multiplicity_window
+            raise PipelineError(f"the train split has {n_jets} jets, fewer than train.batch_size={batch_size}; lower it.")
+        self.batch_size, self.seed, self.multiplicity_window = batch_size, seed, multiplicity_window
         self.n_local_devices, self.process_index, self.process_count = n_local_devices, process_index, process_count
-        n_max = split.mask.shape[1]
-        self.buckets = np.array(bucket_sizes(n_max) if padding_aware else [n_max])
-        self._permutation_epoch, self._permutation = -1, None
+        self.batches_per_window = max(window_jets // batch_size, 1)
+        self.chunk_starts = np.arange(0, n_jets, chunk_length)
+        self.chunk_lengths = np.minimum(chunk_length, n_jets - self.chunk_starts)
+        self._window_key, self._window_split, self._window_rows, self._window_batches = None, None, None, None
+        self.buckets = np.array(bucket_sizes(self.n_max) if padding_aware else [self.n_max])
+
+    def stream_rows(self, epoch: int, first: int, last: int) -> np.ndarray:
+        """File rows at positions ``first`` to ``last`` of epoch ``epoch``'s stream (its chunks in seeded order)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_starts))
+        lengths = self.chunk_lengths[order]
+        ends = np.cumsum(lengths)
+        positions = np.arange(first, last)
+        chunk = np.searchsorted(ends, positions, side="right")
+        return self.chunk_starts[order[chunk]] + positions - (ends[chunk] - lengths[chunk])
+
+    def window_batches(self, epoch: int, window: int) -> np.ndarray:
+        """``[batches, batch_size]`` file rows of window ``window`` of epoch ``epoch`` (the epoch's
+        incomplete last batch dropped)."""
+        batch_size = self.batch_size
+        first_batch = window * self.batches_per_window
+        n_batches = min(self.batches_per_window, self.batches_per_epoch - first_batch)
+        last = len(self.multiplicity) if first_batch + n_batches == self.batches_per_epoch else (first_batch + n_batches) * batch_size
+        rows = self.stream_rows(epoch, first_batch * batch_size, last)
+        rng = np.random.default_rng([self.seed, epoch, window])
+        rows = rows[rng.permutation(len(rows))][: n_batches * batch_size]
+        if self.multiplicity_window <= 0:
+            return rows.reshape(n_batches, batch_size)
+        run = self.multiplicity_window * batch_size
+        for start in range(0, len(rows), run):
+            run_rows = rows[start : start + run]
+            rows[start : start + run] = run_rows[np.argsort(self.multiplicity[run_rows], kind="stable")]
+        return rows.reshape(n_batches, batch_size)[rng.permutation(n_batches)]
 
     def global_rows(self, step: int) -> np.ndarray:
-        """Row indices of the global batch of ``step``."""
+        """File rows of the global batch of ``step``."""
         epoch, position = divmod(step, self.batches_per_epoch)
-        if epoch != self._permutation_epoch:
-            self._permutation = self.epoch_batches(epoch)
-            self._permutation_epoch = epoch
-        return self._permutation[position]
+        window, index = divmod(position, self.batches_per_window)
+        self._load_window(epoch, window)
+        return self._window_batches[index]
 
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        """``[batches_per_epoch, batch_size]`` row indices of one epoch (the incomplete batch dropped)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        rows = rng.permutation(len(self.split))[: self.batches_per_epoch * self.batch_size]
-        if self.multiplicity_window <= 0:
-            return rows.reshape(self.batches_per_epoch, self.batch_size)
-        window = self.multiplicity_window * self.batch_size
-        for start in range(0, len(rows), window):
-            chunk = rows[start : start + window]
-            rows[start : start + window] = chunk[np.argsort(self.split.multiplicity[chunk], kind="stable")]
-        return rows.reshape(self.batches_per_epoch, self.batch_size)[rng.permutation(self.batches_per_epoch)]
+    def process_rows(self, step: int) -> np.ndarray:
+        """File rows of this process's part of the batch of ``step``."""
+        return self._own(self.global_rows(step))
+
+    def _own(self, rows: np.ndarray) -> np.ndarray:
+        """This process's part of a global batch's ``rows``."""
+        per_process = self.batch_size // self.process_count
+        return rows[..., self.process_index * per_process : (self.process_index + 1) * per_process]
+
+    def _load_window(self, epoch: int, window: int) -> None:
+        if self._window_key == (epoch, window):
+            return
+        self._window_key, self._window_split = None, None  # the old window's memory goes before the new one is read
+        self._window_batches = self.window_batches(epoch, window)
+        self._window_rows = np.unique(self._own(self._window_batches))
+        self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel,
+                                       rows=self._window_rows)
+        self._window_key = (epoch, window)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rows = self.global_rows(step)
-        n_used = padded_length(self.buckets, int(self.split.multiplicity[rows].max()))
-        per_process = self.batch_size // self.process_count
-        own = rows[self.process_index * per_process : (self.process_index + 1) * per_process]
-        batch = self.split.rows(own, n_used)
+        n_used = padded_length(self.buckets, int(self.multiplicity[rows].max()))
+        positions = np.searchsorted(self._window_rows, self._own(rows))  # in the window's rows read by this process
+        batch = self._window_split.rows(positions, n_used)
         return {name: array.reshape(self.n_local_devices, -1, *array.shape[1:]) for name, array in batch.items()}

@@ -110,6 +110,12 @@ def open_sets(path) -> Iterator[h5py.File]:
         yield file
 
 
+def damaged(path, dataset: str, error: OSError) -> PipelineError:
+    """The error for a sets file whose ``dataset`` failed to read (checksum or decompression)."""
+    return PipelineError(f"{path} is damaged: a chunk of its {dataset!r} data fails its checksum or does not decompress "
+                         f"({error}); rerun the stage that makes it.")
+
+
 def read_sets(path, datasets=DATASETS, rows: np.ndarray | None = None) -> dict:
     """The ``datasets`` (default: every one) and every attribute of a sets file, as numpy arrays and
     Python values; only the jets ``rows`` (increasing indices) if given, read one HDF5 chunk at a
@@ -123,8 +129,7 @@ def read_sets(path, datasets=DATASETS, rows: np.ndarray | None = None) -> dict:
             try:
                 sets[name] = file[name][...] if rows is None else read_rows(file[name], rows)
             except OSError as error:
-                raise PipelineError(f"{path} is damaged: a chunk of its {name!r} data fails its checksum or does not decompress "
-                                    f"({error}); rerun the stage that makes it.") from None
+                raise damaged(path, name, error) from None
         for name, value in file.attrs.items():
             sets[name] = [str(item) for item in value] if isinstance(value, np.ndarray) else value
     return sets
@@ -144,3 +149,16 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
             chunk = dataset[start : start + chunk_length]
             selected[first:last] = chunk[rows[first:last] - start]
     return selected
+
+
+def read_multiplicities(path, mask: h5py.Dataset) -> np.ndarray:
+    """The number of real particles of every jet of the sets file ``path`` (its open ``mask``), as
+    ``uint16``, read one HDF5 chunk at a time."""
+    chunk_length = mask.chunks[0] if mask.chunks else max(len(mask), 1)
+    multiplicity = np.empty(len(mask), np.uint16)
+    for start in range(0, len(mask), chunk_length):
+        try:
+            multiplicity[start : start + chunk_length] = mask[start : start + chunk_length].sum(axis=1)
+        except OSError as error:
+            raise damaged(path, "mask", error) from None
+    return multiplicity

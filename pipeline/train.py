@@ -204,11 +204,13 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
         if not (processed / name).is_file():
             raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
     use_context = cfg.model.use_jet_context
-    train_split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel)
-    val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel)
-    batches = TrainBatches(train_split, cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(),
-                           jax.process_count(), cfg.train.padding_aware, cfg.train.multiplicity_window)
-    model = build_vdm(cfg.model, data_dim=train_split.x.shape[-1], n_classes=len(train_split.class_names))
+    val_rows = np.arange(min(cfg.train.val_jets, count_jets(processed / "val.h5")))  # only the sets scored are read
+    val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel, rows=val_rows)
+    batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel,
+                           cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(), jax.process_count(),
+                           cfg.train.padding_aware, cfg.train.multiplicity_window, cfg.train.window_jets)
+    data_dim = len(val_split.feature_names)
+    model = build_vdm(cfg.model, data_dim=data_dim, n_classes=len(val_split.class_names))
     train_cfg = cfg.train
     optimizer = make_optimizer(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps, train_cfg.weight_decay, train_cfg.grad_clip)
     schedule = learning_rate_schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps)
@@ -222,7 +224,7 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     # Every real dimension weighs the same in every batch (train_step): the loss of a batch is
     # divided by the dimensions an average batch of the train split holds, not by its own count.
     normalisation = json.loads((processed / "normalisation.json").read_text())
-    dims_per_batch = train_cfg.batch_size * normalisation["n_train_particles"] / normalisation["n_train_jets"] * train_split.x.shape[-1]
+    dims_per_batch = train_cfg.batch_size * normalisation["n_train_particles"] / normalisation["n_train_jets"] * data_dim
     p_train_step = jax.pmap(
         partial(train_step, model=model, optimizer=optimizer, ema_decay=train_cfg.ema_decay, axis_name=AXIS,
                 dims_per_batch=dims_per_batch),

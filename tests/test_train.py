@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import tracemalloc
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -17,8 +19,11 @@ from omegaconf import OmegaConf
 from conftest import FIXTURE_TRACKING_URI, PROJECT_ROOT, compose_config, free_port
 from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches, batches_by_multiplicity, bucket_sizes
+from pipeline.config import PARTICLE_FEATURES
 from pipeline.model import build_vdm
+from pipeline.sets import write_sets
 from pipeline.checkpoints import latest_checkpoint_step, load_checkpoint
+from pipeline.files import PipelineError
 from pipeline.train import RESUMABLE_CHANGES, TrainingPace
 from setdiff import init_params, make_optimizer, vdm_loss
 
@@ -33,6 +38,25 @@ TRAIN = [
 def processed(tmp_path_factory):
     """A small processed dataset (3 classes x 40 jets, up to 14 particles, n_max 30)."""
     return processed_dataset(tmp_path_factory.mktemp("data"))
+
+
+def train_batches(processed, batch_size, **options):
+    """The training input of the processed split, as ``pipeline.train`` builds it, on one device."""
+    return TrainBatches(processed / "train.h5", processed / "normalisation.json", False, False, batch_size, 0, 1, **options)
+
+
+def synthetic_split(folder, n_jets, n_max=30, seed=0):
+    """A train split of ``n_jets`` random jets (several HDF5 chunks) and its normalisation.json."""
+    rng = np.random.default_rng(seed)
+    multiplicity = rng.integers(1, n_max + 1, n_jets)
+    mask = np.arange(n_max) < multiplicity[:, None]
+    particles = np.where(mask[..., None], rng.random((n_jets, n_max, 3), dtype=np.float32), 0).astype(np.float32)
+    with write_sets(folder / "train.h5", n_max=n_max, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt", "eta", "mass", "n_particles"],
+                    class_names=["g", "t"], source="test", config="") as writer:
+        writer.append(particles, mask, rng.random((n_jets, 4), dtype=np.float32), rng.integers(0, 2, n_jets).astype(np.int32))
+    statistics = {name: {"mean": 0.5, "std": 0.3} for name in PARTICLE_FEATURES}
+    (folder / "normalisation.json").write_text(json.dumps({"particles": statistics}))
+    return folder
 
 
 def train(results, processed, *overrides, devices=1, env=None, wait=True):
@@ -226,8 +250,7 @@ def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
     import jax
 
     cfg = compose_config(*TRAIN)
-    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
-    cut, full = (TrainBatches(split, 8, 0, 1, padding_aware=aware) for aware in (True, False))
+    cut, full = (train_batches(processed, 8, padding_aware=aware) for aware in (True, False))
     model = build_vdm(cfg.model, data_dim=3, n_classes=3)
     params = init_params(model, jax.random.PRNGKey(0), {name: array[0] for name, array in full(0).items()})
     for step in range(3):
@@ -238,16 +261,15 @@ def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
 
 
 def test_multiplicity_windows_group_similar_sets_and_still_see_each_once_per_epoch(processed):
-    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
-    plain, grouped = (TrainBatches(split, 8, 0, 1, multiplicity_window=window) for window in (0, 5))
+    plain, grouped = (train_batches(processed, 8, multiplicity_window=window) for window in (0, 5))
     for epoch in range(2):
-        rows = {name: batches.epoch_batches(epoch) for name, batches in (("plain", plain), ("grouped", grouped))}
+        rows = {name: batches.window_batches(epoch, 0) for name, batches in (("plain", plain), ("grouped", grouped))}
         assert sorted(rows["grouped"].ravel()) == sorted(rows["plain"].ravel())  # the same sets, each once
         assert len(set(rows["grouped"].ravel())) == rows["grouped"].size
-        spread = {name: np.mean([np.ptp(split.multiplicity[batch]) for batch in batch_rows]) for name, batch_rows in rows.items()}
+        spread = {name: np.mean([np.ptp(plain.multiplicity[batch]) for batch in batch_rows]) for name, batch_rows in rows.items()}
         assert spread["grouped"] < 0.5 * spread["plain"]
-    np.testing.assert_array_equal(grouped.epoch_batches(1), TrainBatches(split, 8, 0, 1, multiplicity_window=5).epoch_batches(1))
-    assert not np.array_equal(grouped.epoch_batches(0), grouped.epoch_batches(1))
+    np.testing.assert_array_equal(grouped.window_batches(1, 0), train_batches(processed, 8, multiplicity_window=5).window_batches(1, 0))
+    assert not np.array_equal(grouped.window_batches(0, 0), grouped.window_batches(1, 0))
 
 
 def test_inference_batches_hold_every_row_once_cut_to_a_bucket_that_fits(processed):
@@ -266,6 +288,61 @@ def test_inference_batches_hold_every_row_once_cut_to_a_bucket_that_fits(process
     assert sorted(seen) == sorted(rows)  # each row once
     assert widths == sorted(widths)  # by multiplicity
 
+def test_processes_read_disjoint_windows_that_cover_each_epoch_once_in_bounded_memory(tmp_path):
+    """A split of 40 chunks read in windows of ~1/16 of it by 2 processes: each process holds only
+    its rows of one window, the two read disjoint rows that together are the whole epoch (less the
+    incomplete last batch) and each global batch of one process with two devices, every batch holds
+    the file's values of its rows, and a reader started at any step gives the batch an
+    uninterrupted one gave there."""
+    n_jets, batch_size = 40_000, 64
+    folder = synthetic_split(tmp_path, n_jets)
+    whole = SetsSplit(folder / "train.h5", folder / "normalisation.json", use_context=False)
+
+    def reader(process_index):
+        return TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=3, n_local_devices=1,
+                            process_index=process_index, process_count=2, window_jets=2_500)
+
+    tracemalloc.start()
+    readers = [reader(0), reader(1)]
+    steps = readers[0].batches_per_epoch
+    seen = [[], []]
+    for step in range(steps):
+        for process, batches in enumerate(readers):
+            batch, rows = batches(step), batches.process_rows(step)
+            np.testing.assert_array_equal(batch["x"][0], whole.x[rows, : batch["x"].shape[2]])
+            seen[process].append(rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    alone = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=3, n_local_devices=2,
+                         window_jets=2_500)  # one process, two devices: the same global batches
+    for step in range(steps):
+        np.testing.assert_array_equal(alone.process_rows(step), np.concatenate([seen[0][step], seen[1][step]]))
+    seen = [np.concatenate(rows) for rows in seen]
+    assert steps == n_jets // batch_size and not set(seen[0]) & set(seen[1])
+    together = np.concatenate(seen)
+    assert len(set(together)) == len(together) == steps * batch_size  # each row at most once, all but < one batch
+    assert peak < whole.x.nbytes / 4, (peak, whole.x.nbytes)  # 14.4 MB of particles; a window is 1/16 of it
+    resumed = reader(1)
+    for step in (steps + 5, 2 * steps - 1, 7):  # next epoch, its last batch, back in the first: the same batches
+        np.testing.assert_array_equal(resumed(step)["x"], readers[1](step)["x"])
+    assert not np.array_equal(readers[0].window_batches(0, 0), readers[0].window_batches(1, 0))  # reshuffled each epoch
+
+
+def test_a_damaged_train_split_is_refused_naming_it(tmp_path):
+    folder = synthetic_split(tmp_path, 3_000)
+    with h5py.File(folder / "train.h5", "r") as file:
+        chunk = file["particles"].id.get_chunk_info(1)
+    with (folder / "train.h5").open("r+b") as file:
+        file.seek(chunk.byte_offset + chunk.size // 2)
+        flipped = bytes(byte ^ 0xFF for byte in file.read(16))
+        file.seek(chunk.byte_offset + chunk.size // 2)
+        file.write(flipped)
+    batches = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, 64, 0, 1, window_jets=500)
+    with pytest.raises(PipelineError, match=r"train\.h5 is damaged: a chunk of its 'particles' data fails its checksum"):
+        for step in range(batches.batches_per_epoch):
+            batches(step)
+
+
 @pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     port = free_port()
@@ -283,8 +360,7 @@ def test_two_processes_train_together_like_one(tmp_path, processed, reference):
 def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, reference):
     import jax
 
-    split = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=False)
-    batch = {name: array[0] for name, array in TrainBatches(split, 8, 0, 1)(0).items()}
+    batch = {name: array[0] for name, array in train_batches(processed, 8)(0).items()}
     models = {dtype: build_vdm(compose_config(*TRAIN, f"model.bfloat16={dtype == 'bfloat16'}").model, 3, 3)
               for dtype in ("float32", "bfloat16")}
     params = final_params(reference)[0]  # trained: the zero-initialised output layer has moved

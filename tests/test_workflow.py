@@ -311,9 +311,9 @@ def test_a_sweep_runs_one_stage_or_all_and_its_points_compare_side_by_side_in_ml
     metric_names, values = shown_metrics.group(1).split(), [float(value) for value in shown_metrics.group(2).split()]
     assert len(metric_names) >= 5 and len(values) == 2 * len(metric_names), shown_metrics.group(0)
     runs = {run_id: mlflow.get_run(run_id).data.metrics for run_id in evaluate_runs}
-    for index, name in enumerate(metric_names):
+    for index, name in enumerate(metric_names):  # as the UI rounds them: 5 significant digits, at most 3 decimals
         logged = [runs[run_id][name] for run_id in evaluate_runs]
-        assert values[2 * index : 2 * index + 2] == pytest.approx(logged, rel=1e-6, abs=6e-4), name
+        assert values[2 * index : 2 * index + 2] == pytest.approx(logged, rel=5e-5, abs=6e-4), name
 
 
 def training_process(folder) -> int:
