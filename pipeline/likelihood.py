@@ -72,6 +72,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import hydra
@@ -89,10 +90,12 @@ from setdiff import nelbo
 from .checkpoints import trained_model
 from .config import Config
 from .input_pipeline import SetsSplit, batches_by_multiplicity
-from .sets import count_jets, read_sets
+from .sets import count_jets, open_sets, read_multiplicities, read_sets
 from .files import PipelineError, atomic_output, atomic_path
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
+
+SCORED_BLOCK_JETS = 262_144  # jets of the scored file read and scored at a time
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,26 +122,38 @@ def jet_nll_nats(nelbo_bpd: np.ndarray, multiplicity: np.ndarray, n_features: in
     return nelbo_nats - gammaln(n + 1.0) + log_jacobian[:, None] - log_p_multiplicity[:, multiplicity].T
 
 
-def nelbo_per_class(cfg: DictConfig, split: SetsSplit, n_classes: int, progress: bool) -> np.ndarray:
-    """``[n_jets, n_classes]``: every jet's NELBO (bits per dimension) given each of the model's classes.
+def nelbo_per_class(cfg: DictConfig, path: Path, normalisation_path: Path, n_features: int, n_classes: int,
+                    progress: bool) -> Iterator[tuple[SetsSplit, np.ndarray]]:
+    """The jets of the sets file ``path``, ``SCORED_BLOCK_JETS`` at a time (a ``SetsSplit`` of each
+    block), with every jet's NELBO (bits per dimension) given each of the model's classes,
+    ``[jets, n_classes]``: memory holds one block, whatever the file's size.
 
-    Jets are taken in order of multiplicity, in batches cut to their largest multiplicity (rounded
-    up to a bucket), with the same noise for every class so differences come from the label.
+    Within a block jets are taken in order of multiplicity, in batches cut to their largest
+    multiplicity (rounded up to a bucket), with the same noise for every class so differences come
+    from the label; each batch's noise is seeded by ``(seed, batch)``, counting batches from the
+    file's start.
     """
-    model, params, _ = trained_model(cfg, split.x.shape[-1], n_classes)
+    model, params, _ = trained_model(cfg, n_features, n_classes)
     score = jax.jit(lambda batch, labels, key: nelbo(model, params, key, batch["x"], batch["mask"], labels,
                                                      batch.get("context"), n_samples=cfg.likelihood.n_samples))
-    batch_size = cfg.likelihood.batch_size
-    scores = np.empty((len(split), n_classes))
+    batch_size, n_jets = cfg.likelihood.batch_size, count_jets(path)
+    block_starts = range(0, n_jets, SCORED_BLOCK_JETS)
+    n_batches = sum(-(-min(SCORED_BLOCK_JETS, n_jets - first) // batch_size) for first in block_starts)
     key = jax.random.PRNGKey(cfg.seed)
-    batches = batches_by_multiplicity(split, np.arange(len(split)), batch_size)
-    for batch_index, (positions, batch, _) in enumerate(tqdm(batches, total=-(-len(split) // batch_size), desc="likelihood",
-                                                              unit="batch", disable=not (progress and sys.stderr.isatty()))):
-        batch_key = jax.random.fold_in(key, batch_index)
-        for label in range(n_classes):
-            labels = np.full(batch_size, label, np.int32)
-            scores[positions, label] = np.asarray(score(batch, labels, batch_key))[: len(positions)]
-    return scores
+    batch_index = 0
+    with tqdm(total=n_batches, desc="likelihood", unit="batch", disable=not (progress and sys.stderr.isatty())) as bar:
+        for first in block_starts:
+            rows = np.arange(first, min(first + SCORED_BLOCK_JETS, n_jets))
+            split = SetsSplit(path, normalisation_path, cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=rows)
+            scores = np.empty((len(split), n_classes))
+            for positions, batch, _ in batches_by_multiplicity(split, np.arange(len(split)), batch_size):
+                batch_key = jax.random.fold_in(key, batch_index)
+                for label in range(n_classes):
+                    labels = np.full(batch_size, label, np.int32)
+                    scores[positions, label] = np.asarray(score(batch, labels, batch_key))[: len(positions)]
+                batch_index += 1
+                bar.update()
+            yield split, scores
 
 
 def plot_roc(false_positive_rate, true_positive_rate, auc: float, signal: list[str], background: list[str], path: Path) -> None:
@@ -175,54 +190,65 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
     for needed in (path, processed / "train.h5", processed / "normalisation.json"):
         if not needed.is_file():
             raise PipelineError(f"{needed} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first or set likelihood.sets.")
-    train = read_sets(processed / "train.h5", datasets=("mask", "labels"))  # not its particles
-    model_classes, n_max = list(train["class_names"]), train["mask"].shape[1]
-    split = SetsSplit(path, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel)
-    if split.multiplicity.min() < 1 or split.multiplicity.max() > n_max:
+    # Labels and multiplicities only, never a whole file's particles.
+    train = read_sets(processed / "train.h5", datasets=("labels",))
+    model_classes = list(train["class_names"])
+    with open_sets(processed / "train.h5") as file:
+        n_max, train_multiplicity = file["mask"].shape[1], read_multiplicities(processed / "train.h5", file["mask"])
+    scored = read_sets(path, datasets=())  # its attributes
+    class_names, n_features = scored["class_names"], len(scored["feature_names"])
+    with open_sets(path) as file:
+        multiplicity = read_multiplicities(path, file["mask"])
+    if not len(multiplicity):
+        raise PipelineError(f"{path} holds no jets; score a sets file that has some.")
+    if multiplicity.min() < 1 or multiplicity.max() > n_max:
         raise PipelineError(
-            f"{path} holds jets of {split.multiplicity.min()} to {split.multiplicity.max()} particles; the model's multiplicities "
+            f"{path} holds jets of {multiplicity.min()} to {multiplicity.max()} particles; the model's multiplicities "
             f"are 1 to {n_max} (the train split's n_max): drop empty jets and keep at most {n_max} particles per jet "
             f"(`python -m pipeline.preprocess data.n_max={n_max}` does both)."
         )
-    per_class = nelbo_per_class(cfg, split, len(model_classes), progress)
-    train_multiplicity = train["mask"].sum(axis=1)
     if cfg.model.use_jet_context:  # n is among the given jet features: no term for its probability
-        log_p_multiplicity, given = np.zeros((len(model_classes), n_max + 1)), ["class", *split.jet_feature_names]
+        log_p_multiplicity = np.zeros((len(model_classes), n_max + 1))
     else:
         log_p_multiplicity = multiplicity_log_probability(train_multiplicity, train["labels"], len(model_classes), n_max)
-        given = ["class"]
-    nll_per_class = jet_nll_nats(per_class, split.multiplicity, split.x.shape[-1], split.log_jacobian(), log_p_multiplicity)
+    nll_blocks, nelbo_blocks, labels = [], [], []
+    for split, per_class in nelbo_per_class(cfg, path, processed / "normalisation.json", n_features, len(model_classes), progress):
+        nelbo_blocks.append(per_class)
+        nll_blocks.append(jet_nll_nats(per_class, split.multiplicity, n_features, split.log_jacobian(), log_p_multiplicity))
+        labels.append(split.labels)
+    per_class, nll_per_class, labels = (np.concatenate(blocks) for blocks in (nelbo_blocks, nll_blocks, labels))
+    given = ["class", *scored["jet_feature_names"]] if cfg.model.use_jet_context else ["class"]
     with np.errstate(divide="ignore"):
         log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
     anomaly_score = -logsumexp(log_class_fraction - nll_per_class, axis=1)
 
-    own_class = np.array([model_classes.index(name) if name in model_classes else -1 for name in split.class_names])[split.labels]
+    own_class = np.array([model_classes.index(name) if name in model_classes else -1 for name in class_names])[labels]
     known = own_class >= 0
-    nelbo_bpd, nll_nats = np.full(len(split), np.nan), np.full(len(split), np.nan)
+    nelbo_bpd, nll_nats = np.full(len(labels), np.nan), np.full(len(labels), np.nan)
     nelbo_bpd[known] = per_class[known, own_class[known]]
     nll_nats[known] = nll_per_class[known, own_class[known]]
     with atomic_path(output_dir / "nelbo.h5") as temporary, h5py.File(temporary, "w") as file:
         file["nll_nats"], file["nll_nats_per_class"], file["anomaly_score"] = nll_nats, nll_per_class, anomaly_score
         file["nelbo_bpd"], file["nelbo_bpd_per_class"] = nelbo_bpd, per_class
-        file["multiplicity"], file["labels"] = split.multiplicity, split.labels
-        file.attrs.update(class_names=split.class_names, model_class_names=model_classes, source=str(path), given=given)
+        file["multiplicity"], file["labels"] = multiplicity, labels
+        file.attrs.update(class_names=class_names, model_class_names=model_classes, source=str(path), given=given)
 
     metrics = {name: float(np.mean(values[known])) if known.any() else float("nan")
                for name, values in (("nll_nats", nll_nats), ("nelbo_bpd", nelbo_bpd))}
-    for label, name in enumerate(split.class_names):
-        of_class = split.labels == label
+    for label, name in enumerate(class_names):
+        of_class = labels == label
         if not of_class.any():
             continue
         if name in model_classes:
             metrics[f"nll_nats.{name}"] = float(np.mean(nll_nats[of_class]))
             metrics[f"nelbo_bpd.{name}"] = float(np.mean(nelbo_bpd[of_class]))
         metrics[f"anomaly_score.{name}"] = float(np.mean(anomaly_score[of_class]))
-    signal_classes = [name for name in split.class_names if name not in model_classes]
+    signal_classes = [name for name in class_names if name not in model_classes]
     if signal_classes and known.any():
         is_signal = ~known
         metrics["anomaly_auc"] = float(roc_auc_score(is_signal, anomaly_score))
         false_positive_rate, true_positive_rate, _ = roc_curve(is_signal, anomaly_score)
-        background = [name for name in split.class_names if name in model_classes]
+        background = [name for name in class_names if name in model_classes]
         plot_roc(false_positive_rate, true_positive_rate, metrics["anomaly_auc"], signal_classes, background, output_dir / "roc.png")
     return metrics
 

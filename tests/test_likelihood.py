@@ -17,8 +17,9 @@ import pytest
 
 from conftest import compose_config
 from pipeline.config import JET_FEATURES, PARTICLE_FEATURES
+from pipeline import likelihood
 from pipeline.likelihood import score_file
-from pipeline.sets import write_sets
+from pipeline.sets import read_sets, write_sets
 from pipeline.files import PipelineError, write_config
 from pipeline.train import train
 
@@ -103,6 +104,27 @@ def test_jets_of_a_class_the_model_never_saw_are_less_likely(scored):
     assert metrics["anomaly_score.wide"] > metrics["anomaly_score.narrow"]
     # Only the trained class has a likelihood given its own class.
     assert np.isnan(scores["nll_nats"][labels == 1]).all() and np.isfinite(scores["nll_nats"][labels == 0]).all()
+
+
+def test_a_file_scored_block_by_block_gives_each_jet_its_own_scores(scored, narrow_model, tmp_path, monkeypatch):
+    """Scoring reads the file a block at a time (bounded memory): in blocks of 7 jets every jet still
+    gets its own scores, row for row with the file (each batch draws other noise than in one block,
+    so single scores differ by the estimator's noise)."""
+    _, whole, _ = scored
+    monkeypatch.setattr(likelihood, "SCORED_BLOCK_JETS", 7)
+    metrics = score_file(narrow_model, tmp_path, progress=False)
+    with h5py.File(tmp_path / "nelbo.h5") as file:
+        blocks = {name: file[name][...] for name in file}
+    file = read_sets(narrow_model.likelihood.sets, datasets=("mask", "labels"))
+    np.testing.assert_array_equal(blocks["multiplicity"], file["mask"].sum(axis=1))
+    np.testing.assert_array_equal(blocks["labels"], file["labels"])
+    # Scores still belong to their jets: wide and narrow jets are told apart as well as before, and
+    # each class's mean moves by far less than what separates the classes.
+    assert metrics["anomaly_auc"] > 0.9
+    means = {name: [np.mean(scores["anomaly_score"][file["labels"] == label]) for label in (0, 1)]
+             for name, scores in (("blocks", blocks), ("whole", whole))}
+    separation = means["whole"][1] - means["whole"][0]
+    assert separation > 0 and np.all(np.abs(np.subtract(means["blocks"], means["whole"])) < 0.1 * separation), (means, separation)
 
 
 def test_the_likelihood_of_a_jet_adds_its_ordering_multiplicity_and_units_to_the_nelbo(scored, narrow_model):
