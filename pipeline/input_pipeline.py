@@ -244,11 +244,12 @@ class TrainBatches:
     def _load_window(self, epoch: int, window: int) -> None:
         if self._window_key == (epoch, window):
             return
-        self._window_key, self._window_split = None, None  # the old window's memory goes before the new one is read
         self._window_batches = self.window_batches(epoch, window)
-        self._window_rows = np.unique(self._own(self._window_batches))
-        self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel,
-                                       rows=self._window_rows)
+        rows = np.unique(self._own(self._window_batches))
+        if self._window_split is None or not np.array_equal(rows, self._window_rows):  # else a split in one window: read once
+            self._window_key, self._window_split = None, None  # the old window's memory goes before the new one is read
+            self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel, rows=rows)
+            self._window_rows = rows
         self._window_key = (epoch, window)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
