@@ -19,7 +19,7 @@ decreasing ``pt_rel``, padded rows are zero.
 
 Momentum sums: a jet's ``pt_rel`` add up to 1, or to a little less where the jet has more particles
 than the dataset keeps. The model's particles add up to that only approximately (on the demo, 12%
-of quark jets passed 1.05 before this step). With ``sample.rescale_pt_rel`` (the default) each
+of quark jets pass 1.05 without this step). With ``sample.rescale_pt_rel`` (the default) each
 generated jet's ``pt_rel`` are scaled to add up to its template jet's sum, a jet-level quantity
 taken from the data like the multiplicity; the model still decides how the momentum is shared and
 where the particles go. How far the model's own sums were from the template's goes to MLflow
