@@ -347,7 +347,12 @@ def stage_run(
             if (number := received_stop_signal()) is not None:  # its exception was dropped on the way
                 raise Interrupted(128 + number)
         except BaseException as error:  # ends the run if it started (no-op otherwise)
-            interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+            # A stop signal's exception raised inside C code (an h5py callback) can come out as
+            # another error; after a stop signal, whatever propagates is the stop.
+            number = received_stop_signal()
+            interrupted = isinstance(error, (KeyboardInterrupt, Interrupted)) or number is not None
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+            if number is not None and not isinstance(error, Interrupted):
+                raise Interrupted(128 + number) from error
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))

@@ -173,6 +173,21 @@ def test_a_stop_signal_whose_exception_python_drops_still_ends_the_stage_killed(
     assert MlflowClient(store).get_run(run.info.run_id).info.status == "KILLED"
 
 
+def test_a_stop_signal_that_comes_out_as_another_error_still_ends_the_stage_killed(store):
+    """A signal handler's exception raised inside a C callback (h5py iterating a file's attributes,
+    as happened during training's set-up) comes out of it as a ``SystemError``: the stage still
+    stops as stopped, with the signal's exit code and its run KILLED, not FAILED."""
+    with pytest.raises(Interrupted) as raised:
+        with stage_run("signals", "train", {"seed": 1}) as run:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # interrupted: the handler raises here
+            except Interrupted as error:  # what the C callback does with it
+                raise SystemError("returned a result with an exception set") from error
+    assert raised.value.code == 128 + signal.SIGTERM
+    assert MlflowClient(store).get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_config_artifact_round_trips_beside_the_db(store, shared_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # artifacts must not land under the cwd
     config = OmegaConf.create(
