@@ -72,7 +72,7 @@ def batches_by_multiplicity(split: SetsSplit, rows: np.ndarray, batch_size: int)
 
 
 class SetsSplit:
-    """One split of a processed dataset, normalised for the model, in host memory.
+    """Rows of one split of a processed dataset (all, or the ``rows`` asked for), normalised for the model, in host memory.
 
     The model sees every particle feature standardised with the train split's statistics,
     ``x = (f - mean) / std``, where ``f`` is the feature itself or, with ``log_pt_rel``, ``log(pt_rel)``
