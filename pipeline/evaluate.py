@@ -39,7 +39,8 @@ jet's reach, and jets with more momentum than the jet (``metrics.unphysical_frac
 score ~0 on both, and the truth row says how close to 0.
 
 plus ``metrics.md`` and ``metrics.tsv`` (the table in the units papers quote; ``metrics.md`` also
-says how each metric drew its batches and which FPD batch sizes each row used) and ``plots/``
+says how each metric drew its batches, which FPD batch sizes each row used and, for a file of
+``pipeline.sample``, what sampling changed after the network: clipped and rescaled ``pt_rel``) and ``plots/``
 (``pipeline.plots``: samples vs reference). All values and plots go to the MLflow run.
 
 FPD batches are drawn without replacement, so they hold at most the smaller sample; when
@@ -67,6 +68,7 @@ from .config import PARTICLE_FEATURES, Config
 from .plots import plot_comparison
 from .sets import count_jets, open_sets, read_sets
 from .files import PipelineError, atomic_output
+from .jets import PT_REL_SUM_LIMIT
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
 
@@ -242,6 +244,26 @@ def table_notes(metrics: dict[str, float], settings: DictConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sampling_notes(samples: dict) -> str:
+    """What ``pipeline.sample`` did to the network's particles before writing them (from the samples
+    file's attributes; empty for a file that stage did not write): the table scores the jets after it."""
+    if "negative_pt_rel_clipped" not in samples:
+        return ""
+    clipped = f"{samples['negative_pt_rel_clipped']} particles"
+    if "negative_pt_rel_fraction" in samples:
+        clipped += f", {samples['negative_pt_rel_fraction']:.2%} of the generated particles"
+    lines = [f"- pt_rel below 0 set to 0: {clipped}."]
+    if not samples.get("rescale_pt_rel"):
+        lines.append("- pt_rel as the network made them (sample.rescale_pt_rel=false).")
+    else:
+        line = "- Each jet's pt_rel scaled to add up to its template jet's sum (sample.rescale_pt_rel=true)"
+        if "pt_rel_sum_off_by_5pct_fraction" in samples:
+            line += (f"; the network's own sums were more than 5% off for {samples['pt_rel_sum_off_by_5pct_fraction']:.1%} of "
+                     f"the jets and past {PT_REL_SUM_LIMIT} for {samples['unscaled_pt_rel_sum_over_fraction']:.2%} of them")
+        lines.append(line + ".")
+    return "\n".join(lines) + "\n"
+
+
 def tab_separated_table(metrics: dict[str, float]) -> str:
     header, rows = table_rows(metrics)
     return "\n".join("\t".join(cells) for cells in [header, *rows]) + "\n"
@@ -261,6 +283,9 @@ def main(cfg: Config) -> None:
         with atomic_output(output_dir / "metrics.md") as file:
             file.write(f"Samples: {paths['samples']}\nReference: {paths['reference']}\nTruth: {paths['truth']}\n\n{table}\n"
                        f"Batches:\n\n{table_notes(metrics, cfg.evaluate)}")
+            changed = sampling_notes(samples)
+            if changed:
+                file.write(f"\nWhat sampling changed after the network (the table scores the jets as written):\n\n{changed}")
         with atomic_output(output_dir / "metrics.tsv") as file:
             file.write(tab_separated_table(metrics))
         plots = plot_comparison(reference, samples, output_dir / "plots", metrics)

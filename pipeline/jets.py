@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# Physicality limits of a jet of relative particles. The constituents of an anti-kT R = 0.8 jet lie
+# within about R of its axis (a little beyond once the axis is the sum of the kept particles), and the
+# momentum fractions of the hardest ones add up to at most ~1 (to 1 exactly, in pT, for all of them).
+FAR_PARTICLE_DELTA_R = 1.0
+PT_REL_SUM_LIMIT = 1.05
+
 
 def transverse_momentum(px, py):
     return np.hypot(px, py)

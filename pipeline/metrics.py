@@ -33,7 +33,7 @@ import scipy.sparse.csgraph
 import scipy.stats
 
 from .config import PARTICLE_FEATURES
-from .jets import delta_r, jet_from_relative_particles
+from .jets import FAR_PARTICLE_DELTA_R, PT_REL_SUM_LIMIT, delta_r, jet_from_relative_particles
 
 # energyflow's particle coordinates (pT, rapidity, phi): our columns in that order.
 ENERGYFLOW_COLUMNS = [PARTICLE_FEATURES.index(name) for name in ("pt_rel", "eta_rel", "phi_rel")]
@@ -533,13 +533,6 @@ def cov_mmd(real_particles, real_mask, gen_particles, gen_mask, *, n_per_batch: 
     ])
     (cov, mmd), (cov_std, mmd_std) = scores.mean(axis=0), scores.std(axis=0)
     return {"cov": float(cov), "cov_std": float(cov_std), "mmd": float(mmd), "mmd_std": float(mmd_std)}
-
-
-# Physicality checks of generated jets. The constituents of an anti-kT R = 0.8 jet lie within about
-# R of its axis (a little beyond once the axis is the sum of the kept particles), and the momentum
-# fractions of the hardest ones add up to at most ~1 (to 1 exactly, in pT, for all of them).
-FAR_PARTICLE_DELTA_R = 1.0
-PT_REL_SUM_LIMIT = 1.05
 
 
 def unphysical_fractions(particles, mask) -> dict[str, float]:

@@ -23,7 +23,9 @@ of quark jets pass 1.05 without this step). With ``sample.rescale_pt_rel`` (the 
 generated jet's ``pt_rel`` are scaled to add up to its template jet's sum, a jet-level quantity
 taken from the data like the multiplicity; the model still decides how the momentum is shared and
 where the particles go. How far the model's own sums were from the template's goes to MLflow
-(``pt_rel_sum_ratio_sd``, ``pt_rel_sum_off_by_5pct_fraction``); ``sample.rescale_pt_rel=false``
+(``pt_rel_sum_ratio_sd``, ``pt_rel_sum_off_by_5pct_fraction``, and
+``unscaled_pt_rel_sum_over_fraction``: the jets whose own sums passed 1.05) and to the file's
+attributes, and ``pipeline.evaluate`` states it beneath the metrics; ``sample.rescale_pt_rel=false``
 writes the model's particles as they are.
 
 Output: ``results/<experiment>/sample/samples.h5``, a sets file whose ``jets`` hold the generated
@@ -50,13 +52,16 @@ from setdiff import sample
 from .checkpoints import trained_model
 from .config import PARTICLE_FEATURES, Config, MaskSource
 from .input_pipeline import SetsSplit, batches_by_multiplicity
-from .jets import jet_from_relative_particles
+from .jets import PT_REL_SUM_LIMIT, jet_from_relative_particles
 from .sets import count_jets, read_sets, write_sets
 from .files import PipelineError
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
 
 SAMPLE_JET_FEATURES = ["pt_rel", "eta_rel", "mass_rel", "n_particles"]
+# What the steps after the network changed, written into the file's attributes beside
+# ``negative_pt_rel_clipped`` and ``rescale_pt_rel``, so that evaluation can say it next to the metrics.
+POSTPROCESSING_FIGURES = ("negative_pt_rel_fraction", "pt_rel_sum_off_by_5pct_fraction", "unscaled_pt_rel_sum_over_fraction")
 
 
 def template_rows(labels: np.ndarray, class_names: list[str], n_per_class: int, source: MaskSource,
@@ -165,11 +170,13 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
         ratio = changes["pt_rel_sum_ratio"]
         figures["pt_rel_sum_ratio_sd"] = float(np.nanstd(ratio))
         figures["pt_rel_sum_off_by_5pct_fraction"] = float(np.mean(~(np.abs(ratio - 1) <= 0.05)))
+        figures["unscaled_pt_rel_sum_over_fraction"] = float(np.mean(np.nan_to_num(ratio) * target_sum > PT_REL_SUM_LIMIT))
     with write_sets(
         output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
         class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
         sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
         masks=template.stem, negative_pt_rel_clipped=n_clipped, rescale_pt_rel=cfg.sample.rescale_pt_rel,
+        **{name: figures[name] for name in POSTPROCESSING_FIGURES if name in figures},
     ) as writer:
         writer.append(particles, mask, jets, split.labels[rows])
     return figures

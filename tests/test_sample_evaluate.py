@@ -82,6 +82,24 @@ def test_test_masks_are_copied_one_for_one(trained, tmp_path):
     np.testing.assert_allclose(generated_sum[scaled], template_sum[scaled], rtol=1e-5)
     with h5py.File(tmp_path / "samples.h5") as file:
         assert file.attrs["rescale_pt_rel"]
+        recorded = dict(file.attrs)
+
+    # The same draw without the scaling: the network's own particles, whose sums the file above
+    # recorded; scaling changed each jet's pt_rel by one factor and nothing else.
+    unscaled_run = run_stage("sample", *stage_args(results, processed, "sample.n_jets=1000", "sample.steps=2", "sample.masks=test",
+                                                   "sample.checkpoint=latest", "sample.rescale_pt_rel=false",
+                                                   f"hydra.run.dir={tmp_path / 'unscaled'}"))
+    assert unscaled_run.returncode == 0, unscaled_run.stderr
+    unscaled = read_sets(tmp_path / "unscaled" / "samples.h5")
+    unscaled_sum = unscaled["particles"][..., 2].sum(1)
+    assert recorded["unscaled_pt_rel_sum_over_fraction"] == pytest.approx(np.mean(unscaled_sum > 1.05))
+    off = ~(np.abs(unscaled_sum / template_sum - 1) <= 0.05)
+    assert recorded["pt_rel_sum_off_by_5pct_fraction"] == pytest.approx(np.mean(off)) and 0 < off.mean()
+    assert recorded["negative_pt_rel_clipped"] == unscaled["negative_pt_rel_clipped"]
+    assert recorded["negative_pt_rel_fraction"] == pytest.approx(recorded["negative_pt_rel_clipped"] / samples["mask"].sum())
+    np.testing.assert_allclose(samples["particles"][..., 2][scaled],
+                               unscaled["particles"][..., 2][scaled] * (template_sum[scaled] / unscaled_sum[scaled])[:, None], rtol=1e-5)
+    np.testing.assert_array_equal(samples["particles"][..., :2], unscaled["particles"][..., :2])
 
 
 def test_sampling_without_a_trained_model_says_what_to_do(tmp_path, trained):
@@ -121,6 +139,13 @@ def test_evaluation_scores_every_class_with_the_truth_floor_beside_it(trained):
     assert "| model vs test | all |" in table and "| train vs test (truth) | t |" in table
     g_sizes = f"N from {metrics['sample.g.fpd_min_jets']:.0f} to {metrics['sample.g.fpd_max_jets']:.0f} (capped;"
     assert f"model vs test, g: {g_sizes}" in table and "drawn without replacement" in table
+    # What sampling did after the network is stated beneath the metrics, with the sample file's figures.
+    generated = read_sets(results / "sample" / "samples.h5", datasets=())
+    assert (f"- pt_rel below 0 set to 0: {generated['negative_pt_rel_clipped']} particles, "
+            f"{generated['negative_pt_rel_fraction']:.2%} of the generated particles.") in table
+    assert (f"(sample.rescale_pt_rel=true); the network's own sums were more than 5% off for "
+            f"{generated['pt_rel_sum_off_by_5pct_fraction']:.1%} of the jets and past 1.05 for "
+            f"{generated['unscaled_pt_rel_sum_over_fraction']:.2%} of them.") in table
     assert (results / "evaluate" / "plots" / "jet_mass.png").stat().st_size > 0
     run = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'evaluate'").iloc[0]
     assert run["metrics.sample.all.w1m"] == pytest.approx(metrics["sample.all.w1m"])
