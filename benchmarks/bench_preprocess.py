@@ -80,7 +80,7 @@ def main() -> None:
                     file["tree"].arrays(branches, entry_start=first, entry_stop=last)
         uproot_seconds = time.perf_counter() - start
 
-        counts, _ = preprocess(cfg, processed_dir, progress=False)
+        counts = preprocess(cfg, processed_dir, progress=False)[0]
         output_megabytes = sum(path.stat().st_size for path in processed_dir.glob("*.h5")) / 1e6
 
     rate_uproot = args.jets / uproot_seconds

@@ -123,11 +123,20 @@ class Source(Enum):
     qg = "qg"  # energyflow's quark/gluon jets, npz (Komiske, Metodiev, Thaler 2019)
 
 
-# Raw file names, used by the stages and the workflow's rules alike.
+# File names, used by the stages and the workflow's rules alike.
 def pythia_shard_stem(class_name: str, shard: int) -> str:
     """The name of shard ``shard`` of class ``class_name`` from ``pipeline.generate``, without its
     suffix: ``g_000`` (the jets ``g_000.root``, its config ``g_000.config.yaml``)."""
     return f"{class_name}_{shard:03d}"
+
+
+SHARDS_FOLDER = "shards"  # under data.processed_dir, with data.preprocess_shards > 1
+
+
+def processed_shard_stem(shard: int, n_shards: int) -> str:
+    """The name of preprocessing shard ``shard`` of ``n_shards``: ``00003-of-00010``; its splits are
+    ``train-00003-of-00010.h5`` and so on, its statistics ``moments-00003-of-00010.json``."""
+    return f"{shard:05d}-of-{n_shards:05d}"
 
 
 def jetnet_file_name(labels, class_name: str) -> str:
@@ -188,6 +197,11 @@ class DataConfig:
     # Preprocessing (``pipeline.preprocess``): seeded train/val/test split of all jets.
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     chunk_jets: int = 50_000  # jets read and converted at once (bounds memory: a few chunks are in flight)
+    # More than 1: the raw files are dealt round-robin into this many groups, each preprocessed into
+    # shards of every split (Snakemake: one job per shard), then joined (pipeline.preprocess).
+    preprocess_shards: int = 1
+    preprocess_shard: int | None = None  # preprocess only this shard
+    preprocess_join: bool = False  # only join the shards already written, and merge their statistics
 
 
 @dataclass

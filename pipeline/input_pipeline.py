@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .files import PipelineError
-from .sets import open_sets, read_multiplicities, read_sets
+from .sets import open_sets, read_multiplicities, read_sets, rows_per_chunk
 
 
 def bucket_sizes(n_max: int, smallest: int = 8) -> list[int]:
@@ -185,7 +185,7 @@ class TrainBatches:
         with open_sets(path) as file:
             mask = file["mask"]
             n_jets, self.n_max = mask.shape
-            chunk_length = mask.chunks[0] if mask.chunks else max(n_jets, 1)
+            chunk_length = rows_per_chunk(mask)
             self.multiplicity = read_multiplicities(path, mask)
         self.batches_per_epoch = n_jets // batch_size
         if self.batches_per_epoch == 0:

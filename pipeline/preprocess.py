@@ -20,6 +20,12 @@
 Inputs are streamed in chunks of ``data.chunk_jets`` jets; for sources with one file per class
 every chunk takes a proportional slice of every file, so classes are mixed throughout. Each output
 file records its source files with their SHA-256.
+
+With ``data.preprocess_shards = K > 1`` the raw files are dealt round-robin into K groups, and each
+group goes through steps 1-5 on its own (``data.preprocess_shard=k``: one job per group) into
+``shards/<split>-<k>-of-<K>.h5``, with its train split's sums in ``shards/moments-<k>-of-<K>.json``.
+Joining them (``data.preprocess_join``) writes each split as a sets file that maps its shards' rows
+(``pipeline.sets.write_joined_sets``) and merges the sums into ``normalisation.json``.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .background import in_background
-from .config import Config, Source, jetnet_file_name, pythia_shard_stem
+from .config import SHARDS_FOLDER, Config, Source, jetnet_file_name, processed_shard_stem, pythia_shard_stem
 from .readers import READERS, UNLABELLED, RawJets, per_jet_sum
-from .sets import write_sets
+from .sets import count_jets, write_joined_sets, write_sets
 from .files import PipelineError, atomic_output, file_sha256
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
@@ -173,6 +179,15 @@ class RunningMoments:
         self.total += values.sum(axis=axes, dtype=np.float64)
         self.total_squares += np.square(values, dtype=np.float64).sum(axis=axes)
 
+    def state(self) -> dict:
+        """The sums, to merge with another part's (``merge``) once every part is done."""
+        return {"count": self.count, "total": self.total.tolist(), "total_squares": self.total_squares.tolist()}
+
+    def merge(self, state: dict) -> None:
+        self.count += state["count"]
+        self.total += np.asarray(state["total"])
+        self.total_squares += np.asarray(state["total_squares"])
+
     def summary(self) -> dict[str, dict[str, float]]:
         mean = self.total / max(self.count, 1)
         std = np.sqrt(np.maximum(self.total_squares / max(self.count, 1) - mean**2, 0.0))
@@ -185,6 +200,9 @@ def check_config(data: DictConfig) -> None:
         raise PipelineError(f"data.split_fractions must be three non-negative numbers (train, val, test) summing to 1, not {fractions}.")
     if data.n_max < 1 or data.chunk_jets < 1:
         raise PipelineError("data.n_max and data.chunk_jets must be positive.")
+    if data.preprocess_shards == 1 and (data.preprocess_shard is not None or data.preprocess_join):
+        raise PipelineError("data.preprocess_shard and data.preprocess_join need data.preprocess_shards > 1; "
+                            "without shards, preprocess the whole dataset at once.")
 
 
 def load_chunks(reader, plan: list[list[tuple[Path, int, int]]]) -> Iterator[tuple[list, int]]:
@@ -201,31 +219,37 @@ def convert_chunk(reader, loaded_pieces: list, n_max: int) -> tuple[dict[str, np
     return arrays, dropped
 
 
-def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Read every raw file of ``cfg.data``, write the three splits and ``normalisation.json`` into
-    ``processed_dir``; return the counts (jets read, written per split, dropped, seconds) and the
-    source files (name, SHA-256, jets)."""
+def shard_groups(paths: list[Path], n_shards: int) -> list[list[Path]]:
+    """The raw files of each preprocessing shard, dealt round-robin: with one file per class and
+    shard (``g_000``, ``g_001``, ..., ``t_001``) shard k takes the k-th file of every class."""
+    if n_shards < 1 or n_shards > len(paths):
+        raise PipelineError(f"data.preprocess_shards={n_shards}, but the dataset has {len(paths)} raw files; "
+                            f"choose between 1 and {len(paths)}.")
+    return [paths[shard::n_shards] for shard in range(n_shards)]
+
+
+def preprocess_files(cfg: DictConfig, reader, paths: list[Path], outputs: dict[str, Path], seed_key: list[int],
+                     progress: bool) -> tuple[dict, list[dict], dict[str, RunningMoments]]:
+    """Read ``paths`` and write the three splits to ``outputs[split]``; return the counts (jets read,
+    written per split, dropped), the source files (name, SHA-256, jets) and the train split's moments.
+    Chunk ``i`` is dealt to the splits by a permutation seeded with ``[seed, *seed_key, i]``."""
     data = cfg.data
-    check_config(data)
-    reader = READERS[Source(data.source)](data)
-    paths = raw_files(data)
     plan = chunk_plan(reader, paths, data.chunk_jets)
     sources = [{"file": path.name, "sha256": file_sha256(path), "jets": reader.n_jets(path)} for path in paths]
-    particle_moments = RunningMoments(list(data.feature_names))
-    jet_moments = RunningMoments(list(data.jet_feature_names))
-    log_moments = RunningMoments(["pt_rel"])  # of log(pt_rel), for model.log_pt_rel
+    moments = {"particles": RunningMoments(list(data.feature_names)), "jets": RunningMoments(list(data.jet_feature_names)),
+               "log_particles": RunningMoments(["pt_rel"])}  # of log(pt_rel), for model.log_pt_rel
     counts = dict.fromkeys(["jets_read", *(f"jets_{split}" for split in SPLITS), *(f"dropped_{reason}" for reason in DROP_REASONS)], 0)
-    start = time.perf_counter()
     with ExitStack() as files:
         writers = {
             split: files.enter_context(write_sets(
-                processed_dir / f"{split}.h5", n_max=data.n_max, feature_names=data.feature_names,
+                outputs[split], n_max=data.n_max, feature_names=data.feature_names,
                 jet_feature_names=data.jet_feature_names, class_names=data.class_names, source=data.name,
                 config=OmegaConf.to_yaml(cfg, resolve=True), source_files=sources,
             ))
             for split in SPLITS
         }
-        bar = files.enter_context(tqdm(total=sum(reader.n_jets(path) for path in paths), unit="jet", desc="preprocess", disable=None if progress else True))
+        bar = files.enter_context(tqdm(total=sum(source["jets"] for source in sources), unit="jet", desc="preprocess",
+                                       disable=None if progress else True))
         # Reading (decompression), conversion (numpy) and writing (compression) overlap in three
         # threads, each at most one chunk ahead of the next; all three release the GIL for their
         # heavy work, so the stage runs at about the speed of its slowest step.
@@ -239,45 +263,143 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
                 counts[f"dropped_{reason}"] += n
             n_jets = len(arrays["labels"])
             counts_per_split = split_counts(sum(counts[f"jets_{split}"] for split in SPLITS), n_jets, data.split_fractions)
-            shuffled = np.random.default_rng([cfg.seed, chunk_index]).permutation(n_jets)
+            shuffled = np.random.default_rng([cfg.seed, *seed_key, chunk_index]).permutation(n_jets)
             for split, rows in zip(SPLITS, np.split(shuffled, np.cumsum(counts_per_split)[:-1])):
                 split_arrays = {name: array[rows] for name, array in arrays.items()}
                 writers[split].append(**split_arrays)
                 counts[f"jets_{split}"] += len(rows)
                 if split == "train":
-                    particle_moments.add(split_arrays["particles"], int(split_arrays["mask"].sum()))  # padding is 0
+                    moments["particles"].add(split_arrays["particles"], int(split_arrays["mask"].sum()))  # padding is 0
                     pt_rel = split_arrays["particles"][..., data.feature_names.index("pt_rel")]
                     positive = split_arrays["mask"] & (pt_rel > 0)
-                    log_moments.add(np.log(np.where(positive, pt_rel, 1.0))[..., None], int(positive.sum()))
-                    jet_moments.add(split_arrays["jets"], len(rows))
+                    moments["log_particles"].add(np.log(np.where(positive, pt_rel, 1.0))[..., None], int(positive.sum()))
+                    moments["jets"].add(split_arrays["jets"], len(rows))
             bar.update(n_read)
         if counts["jets_train"] == 0:
-            raise PipelineError(f"no usable jets in {data.raw_dir} for classes {list(data.class_names)}; check data.class_names and data.labels.")
+            raise PipelineError(f"no usable jets in {', '.join(source['file'] for source in sources)} of {data.raw_dir} for classes "
+                                f"{list(data.class_names)}; check data.class_names and data.labels, or use fewer data.preprocess_shards.")
         for writer in writers.values():
             writer.attrs.update({f"dropped_{reason}": counts[f"dropped_{reason}"] for reason in DROP_REASONS})
-        normalisation = {"particles": particle_moments.summary(), "log_particles": log_moments.summary(), "jets": jet_moments.summary(),
-                         "n_train_particles": particle_moments.count, "n_train_jets": jet_moments.count}
-    # Written once the three sets are in place: closing them flushes most of their bytes, the step
-    # likeliest to fail, and the statistics must not describe sets that never arrived.
-    with atomic_output(processed_dir / "normalisation.json") as file:
+    return counts, sources, moments
+
+
+def write_normalisation(path: Path, moments: dict[str, RunningMoments]) -> None:
+    normalisation = {name: moments[name].summary() for name in ("particles", "log_particles", "jets")}
+    normalisation.update(n_train_particles=moments["particles"].count, n_train_jets=moments["jets"].count)
+    with atomic_output(path) as file:
         json.dump(normalisation, file, indent=2)
-    counts["seconds"] = time.perf_counter() - start
-    return counts, sources
+
+
+def shard_outputs(processed_dir: Path, shard: int, n_shards: int) -> dict[str, Path]:
+    """Where preprocessing shard ``shard`` writes its splits (``train``, ...) and its ``moments``."""
+    folder, stem = processed_dir / SHARDS_FOLDER, processed_shard_stem(shard, n_shards)
+    return {**{split: folder / f"{split}-{stem}.h5" for split in SPLITS}, "moments": folder / f"moments-{stem}.json"}
+
+
+def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> tuple[dict, list[dict], list[FileDataset], list[FileDataset]]:
+    """Preprocess ``cfg.data`` into ``processed_dir``: every raw file into the three splits and
+    ``normalisation.json``, or with ``data.preprocess_shards`` > 1 each group of raw files into its
+    shards (all, or ``data.preprocess_shard`` only), then, unless one shard was asked for, the shards
+    joined into the splits (``data.preprocess_join``: only that). Returns the counts (jets read,
+    written per split, dropped, seconds), the raw files behind them (name, SHA-256, jets), and the
+    files read and written (for MLflow)."""
+    data = cfg.data
+    check_config(data)
+    start = time.perf_counter()
+    reader = READERS[Source(data.source)](data)
+    n_shards = data.preprocess_shards
+    paths = raw_files(data)
+    splits = {split: processed_dir / f"{split}.h5" for split in SPLITS}
+    if n_shards == 1:
+        counts, sources, moments = preprocess_files(cfg, reader, paths, splits, [], progress)
+        # Written once the three sets are in place: closing them flushes most of their bytes, the
+        # step likeliest to fail, and the statistics must not describe sets that never arrived.
+        write_normalisation(processed_dir / "normalisation.json", moments)
+        return ({**counts, "seconds": time.perf_counter() - start}, sources, raw_datasets(paths, sources),
+                split_datasets(splits, counts, processed_dir / "normalisation.json"))
+    groups = shard_groups(paths, n_shards)
+    if data.preprocess_shard is not None and not 0 <= data.preprocess_shard < n_shards:
+        raise PipelineError(f"data.preprocess_shard={data.preprocess_shard} is not one of the {n_shards} shards (0 to {n_shards - 1}).")
+    if data.preprocess_join:
+        to_write = []
+    else:
+        to_write = [data.preprocess_shard] if data.preprocess_shard is not None else range(n_shards)
+    read, written = [], []
+    for shard in to_write:
+        outputs = shard_outputs(processed_dir, shard, n_shards)
+        counts, sources, moments = preprocess_files(cfg, reader, groups[shard], outputs, [shard], progress)
+        with atomic_output(outputs["moments"]) as file:
+            json.dump({"counts": counts, "sources": sources, **{name: part.state() for name, part in moments.items()}}, file)
+        read += raw_datasets(groups[shard], sources)
+        written += split_datasets(outputs, counts, outputs["moments"])
+    if data.preprocess_shard is not None:
+        return {**counts, "seconds": time.perf_counter() - start}, sources, read, written
+    counts, sources, moments = join_shards(cfg, processed_dir, n_shards)
+    if not read:  # joined only: it read the shards
+        read = [FileDataset(path, count_jets(path) if path.suffix == ".h5" else None)
+                for shard in range(n_shards) for path in shard_outputs(processed_dir, shard, n_shards).values()]
+    return ({**counts, "seconds": time.perf_counter() - start}, sources, read,
+            split_datasets(splits, counts, processed_dir / "normalisation.json"))
+
+
+def raw_datasets(paths: list[Path], sources: list[dict]) -> list[FileDataset]:
+    """The raw files read, with the checksums and jet counts already taken."""
+    return [FileDataset(path, source["jets"], source["sha256"]) for path, source in zip(paths, sources)]
+
+
+def split_datasets(splits: dict[str, Path], counts: dict, statistics: Path) -> list[FileDataset]:
+    """The three splits written (with their jets) and the file of their statistics."""
+    return [*(FileDataset(splits[split], counts[f"jets_{split}"]) for split in SPLITS), FileDataset(statistics)]
+
+
+def join_shards(cfg: DictConfig, processed_dir: Path, n_shards: int) -> tuple[dict, list[dict], dict[str, RunningMoments]]:
+    """Join the shards of every split into one sets file (``pipeline.sets.write_joined_sets``) and merge
+    their statistics into ``normalisation.json``; returns the summed counts, sources and moments."""
+    data = cfg.data
+    parts = []
+    for shard in range(n_shards):
+        outputs = shard_outputs(processed_dir, shard, n_shards)
+        for path in outputs.values():
+            if not path.is_file():
+                raise PipelineError(f"{path} does not exist; preprocess shard {shard} first "
+                                    f"(`python -m pipeline.preprocess data={data.name} data.preprocess_shard={shard}`).")
+        parts.append((outputs, json.loads(outputs["moments"].read_text())))
+    counts = {name: sum(part["counts"][name] for _, part in parts) for name in parts[0][1]["counts"]}
+    sources = [source for _, part in parts for source in part["sources"]]
+    moments = {"particles": RunningMoments(list(data.feature_names)), "jets": RunningMoments(list(data.jet_feature_names)),
+               "log_particles": RunningMoments(["pt_rel"])}
+    for _, part in parts:
+        for name, running in moments.items():
+            running.merge(part[name])
+    with ExitStack() as joined:
+        for split in SPLITS:
+            shards = [outputs[split] for outputs, _ in parts]
+            joined.enter_context(write_joined_sets(
+                processed_dir / f"{split}.h5", shards, source_files=sources, config=OmegaConf.to_yaml(cfg, resolve=True),
+                shards=[{"file": str(path.relative_to(processed_dir)), "sha256": file_sha256(path)} for path in shards],
+                **{f"dropped_{reason}": counts[f"dropped_{reason}"] for reason in DROP_REASONS},
+            ))
+    write_normalisation(processed_dir / "normalisation.json", moments)
+    return counts, sources, moments
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: Config) -> None:
-    with stage("preprocess", cfg, output_dir=cfg.data.processed_dir) as processed_dir:
-        counts, sources = preprocess(cfg, processed_dir)
+    data = cfg.data
+    shard, n_shards = data.preprocess_shard, data.preprocess_shards
+    label = (f"shard {shard}/{n_shards}" if shard is not None else "join" if data.preprocess_join else None) if n_shards > 1 else None
+    config_file = f"{SHARDS_FOLDER}/config-{processed_shard_stem(shard, n_shards)}.yaml" if label and shard is not None else "config.yaml"
+    with stage("preprocess", cfg, output_dir=data.processed_dir, config_file=config_file, label=label) as processed_dir:
+        counts, sources, read, written = preprocess(cfg, processed_dir)
         mlflow.log_metrics({**counts, "jets_per_s": counts["jets_read"] / counts["seconds"]})
         mlflow.log_dict(sources, "source_files.json")
-        log_files(READ, [FileDataset(Path(cfg.data.raw_dir) / source["file"], source["jets"], source["sha256"])
-                         for source in sources])
-        log_files(WRITTEN, [*(FileDataset(processed_dir / f"{split}.h5", counts[f"jets_{split}"]) for split in SPLITS),
-                            FileDataset(processed_dir / "normalisation.json")])
+        log_files(READ, read)
+        log_files(WRITTEN, written)
+        outputs = (f"{processed_dir / SHARDS_FOLDER}/{{train,val,test}}-{processed_shard_stem(shard, n_shards)}.h5" if shard is not None
+                   else f"{processed_dir}/{{train,val,test}}.h5")
         print(
             f"preprocess: {counts['jets_read']} jets read, {counts['jets_train']}/{counts['jets_val']}/{counts['jets_test']} "
-            f"written to {processed_dir}/{{train,val,test}}.h5; dropped: {counts['dropped_empty_jets']} empty, "
+            f"written to {outputs}; dropped: {counts['dropped_empty_jets']} empty, "
             f"{counts['dropped_nonfinite_jets']} non-finite, {counts['dropped_unlabelled_jets']} of other classes"
         )
 

@@ -15,11 +15,17 @@ Attributes: ``feature_names``, ``jet_feature_names``, ``class_names``, ``schema_
 Particles are sorted by decreasing ``pt_rel``. Files are written chunked, compressed and
 checksummed (a damaged chunk fails its checksum when read, and the file is refused), and appear only
 when complete (written under a temporary name, renamed at the end).
+
+A large split may be written as shards, each a sets file, and joined by a sets file whose four
+datasets are HDF5 virtual datasets mapping the shards' rows one after the other
+(:func:`write_joined_sets`; shard paths are stored relative to it, so the folder can move). It
+reads like any other; one whose shard is missing is refused (HDF5 would read its rows as fill values).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -83,6 +89,49 @@ def write_sets(path, *, n_max: int, feature_names, jet_feature_names, class_name
         yield SetsWriter(file, n_max, len(feature_names), len(jet_feature_names))
 
 
+@contextmanager
+def write_joined_sets(path, shard_paths: list[Path], **attributes) -> Iterator[None]:
+    """Write a sets file at ``path`` that joins the sets files ``shard_paths`` (one schema, read in
+    this order) through virtual datasets, with the first shard's attributes updated by ``attributes``
+    (dicts and lists as JSON). The file appears when the block completes."""
+    path = Path(path)
+    shapes = {}
+    with open_sets(shard_paths[0]) as first:
+        inherited = dict(first.attrs)
+        for name in DATASETS:
+            shapes[name] = (first[name].shape[1:], first[name].dtype)
+    layouts, lengths = {}, []
+    for shard in shard_paths:
+        with open_sets(shard) as file:
+            lengths.append(len(file["labels"]))
+            for name, (shape, dtype) in shapes.items():
+                if (file[name].shape[1:], file[name].dtype) != (shape, dtype):
+                    raise PipelineError(f"{shard} holds {name} of shape {file[name].shape[1:]}, the other shards {shape}; "
+                                        "preprocess every shard with the same settings.")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for name, (shape, dtype) in shapes.items():
+        layout = h5py.VirtualLayout(shape=(int(offsets[-1]), *shape), dtype=dtype)
+        for shard, start, stop in zip(shard_paths, offsets[:-1], offsets[1:]):
+            relative = os.path.relpath(Path(shard).resolve(), path.parent.resolve())
+            layout[start:stop] = h5py.VirtualSource(relative, name, shape=(stop - start, *shape))
+        layouts[name] = layout
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
+        for name, layout in layouts.items():
+            file.create_virtual_dataset(name, layout, fillvalue=-1 if name == "labels" else 0)
+        file.attrs.update(inherited)
+        for name, value in attributes.items():
+            file.attrs[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        yield
+
+
+def rows_per_chunk(dataset: h5py.Dataset) -> int:
+    """The jets of one HDF5 chunk of ``dataset``, the unit in which it is best read: a joined
+    dataset reads its shards' chunks (``ROWS_PER_CHUNK``); an unchunked one is one chunk."""
+    if dataset.chunks:
+        return dataset.chunks[0]
+    return ROWS_PER_CHUNK if dataset.is_virtual else max(len(dataset), 1)
+
+
 def count_jets(path) -> int:
     """How many jets the sets file ``path`` holds (reads its shape, not its data)."""
     with h5py.File(path, "r") as file:
@@ -107,12 +156,34 @@ def open_sets(path) -> Iterator[h5py.File]:
             raise PipelineError(
                 f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}; rerun the stage that makes it."
             )
+        for name in DATASETS:
+            if file[name].is_virtual:
+                for source in file[name].virtual_sources():
+                    if not (path.parent / source.file_name).is_file():
+                        raise PipelineError(f"{path} joins shards, and its shard {path.parent / source.file_name} does not exist; "
+                                            "rerun the stage that makes them.")
         yield file
 
 
-def damaged(path, dataset: str, error: OSError) -> PipelineError:
-    """The error for a sets file whose ``dataset`` failed to read (checksum or decompression)."""
-    return PipelineError(f"{path} is damaged: a chunk of its {dataset!r} data fails its checksum or does not decompress "
+def damaged(path, dataset: h5py.Dataset, error: OSError, rows: tuple[int, int] | None = None) -> PipelineError:
+    """The error for a sets file whose ``dataset`` failed to read (checksum or decompression), in
+    ``rows`` (start, stop) if known; of a joined file, the shard whose rows fail to read is named."""
+    name = dataset.name.lstrip("/")
+    where = Path(path)
+    if dataset.is_virtual and rows is not None:
+        for source in dataset.virtual_sources():
+            (first, *_), (last, *_) = source.vspace.get_select_bounds()
+            start, stop = max(rows[0], first), min(rows[1], last + 1)
+            if start >= stop:
+                continue
+            shard = Path(path).parent / source.file_name
+            try:
+                with h5py.File(shard, "r") as file:
+                    file[source.dset_name][start - first : stop - first]
+            except OSError:
+                where = shard
+                break
+    return PipelineError(f"{where} is damaged: a chunk of its {name!r} data fails its checksum or does not decompress "
                          f"({error}); rerun the stage that makes it.")
 
 
@@ -126,27 +197,40 @@ def read_sets(path, datasets=DATASETS, rows: np.ndarray | None = None) -> dict:
     with open_sets(path) as file:
         sets = {}
         for name in datasets:
-            try:
-                sets[name] = file[name][...] if rows is None else read_rows(file[name], rows)
-            except OSError as error:
-                raise damaged(path, name, error) from None
+            sets[name] = read_all(path, file[name]) if rows is None else read_rows(path, file[name], rows)
         for name, value in file.attrs.items():
             sets[name] = [str(item) for item in value] if isinstance(value, np.ndarray) else value
     return sets
 
 
-def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``dataset[rows]`` for increasing ``rows``, decompressing only the chunks that hold them, each once."""
+def read_all(path, dataset: h5py.Dataset) -> np.ndarray:
+    """Every row of ``dataset`` of the sets file ``path``, chunk by chunk (so a damaged one is named)."""
+    values = np.empty(dataset.shape, dataset.dtype)
+    chunk_length = rows_per_chunk(dataset)
+    for start in range(0, len(dataset), chunk_length):
+        try:
+            values[start : start + chunk_length] = dataset[start : start + chunk_length]
+        except OSError as error:
+            raise damaged(path, dataset, error, (start, start + chunk_length)) from None
+    return values
+
+
+def read_rows(path, dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` (of the sets file ``path``) for increasing ``rows``, decompressing only the
+    chunks that hold them, each once."""
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= len(dataset)):
         raise ValueError(f"rows must increase and lie within the {len(dataset)} jets of {dataset.name}")
     selected = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
-    chunk_length = dataset.chunks[0] if dataset.chunks else max(len(dataset), 1)
+    chunk_length = rows_per_chunk(dataset)
     chunk_starts = np.arange(0, len(dataset) + chunk_length, chunk_length)
     bounds = np.searchsorted(rows, chunk_starts)  # rows[bounds[i]:bounds[i + 1]] fall in chunk i
     for start, first, last in zip(chunk_starts, bounds[:-1], bounds[1:]):
         if last > first:
-            chunk = dataset[start : start + chunk_length]
+            try:
+                chunk = dataset[start : start + chunk_length]
+            except OSError as error:
+                raise damaged(path, dataset, error, (start, start + chunk_length)) from None
             selected[first:last] = chunk[rows[first:last] - start]
     return selected
 
@@ -154,11 +238,11 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
 def read_multiplicities(path, mask: h5py.Dataset) -> np.ndarray:
     """The number of real particles of every jet of the sets file ``path`` (its open ``mask``), as
     ``uint16``, read one HDF5 chunk at a time."""
-    chunk_length = mask.chunks[0] if mask.chunks else max(len(mask), 1)
+    chunk_length = rows_per_chunk(mask)
     multiplicity = np.empty(len(mask), np.uint16)
     for start in range(0, len(mask), chunk_length):
         try:
             multiplicity[start : start + chunk_length] = mask[start : start + chunk_length].sum(axis=1)
         except OSError as error:
-            raise damaged(path, "mask", error) from None
+            raise damaged(path, mask, error, (start, start + chunk_length)) from None
     return multiplicity

@@ -28,7 +28,7 @@ def run(tmp_path, *overrides, chunk_jets=7):
         f"data.raw_dir={tmp_path / 'raw'}", f"data.processed_dir={tmp_path / 'processed'}",
         f"data.n_max={N_MAX}", f"data.chunk_jets={chunk_jets}", *overrides,
     )
-    counts, _ = preprocess(cfg, tmp_path / "processed", progress=False)
+    counts = preprocess(cfg, tmp_path / "processed", progress=False)[0]
     return counts, {split: read_sets(tmp_path / "processed" / f"{split}.h5") for split in SPLITS}
 
 
@@ -157,6 +157,70 @@ def test_normalisation_comes_from_the_train_split_only(tmp_path, root_jets):
     assert normalisation["jets"]["mass"]["mean"] == pytest.approx(train["jets"][:, 2].mean(), rel=1e-5)
     everything = np.concatenate([splits[split]["particles"][splits[split]["mask"]] for split in SPLITS])
     assert normalisation["particles"]["pt_rel"]["mean"] != pytest.approx(everything[:, 2].mean(), rel=1e-6)
+
+
+def test_shards_preprocessed_apart_join_into_splits_that_read_as_one_file(tmp_path):
+    """With data.preprocess_shards=2 each group of raw files (the k-th of every class) becomes its own
+    shard of every split, by a job of its own; the joined split holds the shards' rows in order,
+    the statistics are the joined train split's, and a missing or damaged shard is named."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "raw").mkdir()
+    jets, labels = [], []
+    for index, name in enumerate(CLASSES):
+        for shard in range(2):
+            class_jets = random_jets(rng, 12)
+            write_root(tmp_path / "raw" / f"{name}_{shard:03d}.root", class_jets,
+                       {f"label_{other}": [other == name] * 12 for other in [*CLASSES, "w", "z"]})
+            jets, labels = jets + class_jets, labels + [index] * 12
+    sharded = ["data=pythia", "data.generator.n_shards=2", "data.preprocess_shards=2"]
+
+    def config(folder, *overrides):
+        return compose_config(f"data.raw_dir={tmp_path / 'raw'}", f"data.processed_dir={folder}", f"data.n_max={N_MAX}",
+                              "data.chunk_jets=7", *sharded, *overrides)
+
+    for shard in range(2):  # as Snakemake runs them: one job per shard, then one that joins them
+        preprocess(config(tmp_path / "processed", f"data.preprocess_shard={shard}"), tmp_path / "processed", progress=False)
+    assert not (tmp_path / "processed" / "train.h5").exists()
+    counts, splits = run(tmp_path, *sharded, "data.preprocess_join=true")
+    shards = tmp_path / "processed" / "shards"
+    assert counts["jets_read"] == 72 and counts["dropped_empty_jets"] == 6
+    assert_matches(all_splits(splits), expected_sets(jets, labels, N_MAX))  # every jet once, in one split
+    for split in SPLITS:
+        parts = [read_sets(shards / f"{split}-0000{shard}-of-00002.h5") for shard in range(2)]
+        for name in ("particles", "mask", "jets", "labels"):
+            np.testing.assert_array_equal(splits[split][name], np.concatenate([part[name] for part in parts]))
+        assert [entry["file"] for entry in json.loads(parts[1]["source_files"])] == ["g_001.root", "q_001.root", "t_001.root"]
+        with h5py.File(tmp_path / "processed" / f"{split}.h5") as file:
+            assert all(file[name].is_virtual for name in ("particles", "mask", "jets", "labels"))
+    train = splits["train"]
+    normalisation = json.loads((tmp_path / "processed" / "normalisation.json").read_text())
+    valid = train["particles"][train["mask"]].astype(np.float64)
+    for feature, name in enumerate(["eta_rel", "phi_rel", "pt_rel"]):
+        assert normalisation["particles"][name]["mean"] == pytest.approx(valid[:, feature].mean(), rel=1e-5)
+        assert normalisation["particles"][name]["std"] == pytest.approx(valid[:, feature].std(), rel=1e-4)
+    assert normalisation["n_train_jets"] == len(train["labels"])
+
+    # All in one process (no Snakemake): the same files.
+    preprocess(config(tmp_path / "at_once"), tmp_path / "at_once", progress=False)
+    for split in SPLITS:
+        np.testing.assert_array_equal(read_sets(tmp_path / "at_once" / f"{split}.h5")["particles"], splits[split]["particles"])
+
+    # A damaged shard is named, and so is a missing one (HDF5 itself would read its rows as zeros).
+    damaged_shard = shards / "train-00001-of-00002.h5"
+    with h5py.File(damaged_shard) as file:
+        offset = file["particles"].id.get_chunk_info(0).byte_offset
+    with open(damaged_shard, "r+b") as file:
+        file.seek(offset + 8)
+        flipped = bytes(byte ^ 0xFF for byte in file.read(16))
+        file.seek(offset + 8)
+        file.write(flipped)
+    with pytest.raises(PipelineError, match=f"^{damaged_shard} is damaged: a chunk of its 'particles' data"):
+        read_sets(tmp_path / "processed" / "train.h5")
+    damaged_shard.unlink()
+    with pytest.raises(PipelineError, match=f"its shard {damaged_shard} does not exist"):
+        read_sets(tmp_path / "processed" / "train.h5", datasets=("labels",))
+    with pytest.raises(PipelineError, match="preprocess shard 1 first"):
+        run(tmp_path, *sharded, "data.preprocess_join=true")
 
 
 def test_other_classes_are_dropped_and_counted(tmp_path, root_jets):

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -161,8 +162,9 @@ def test_every_path_in_a_shell_command_is_quoted():
 
 @pytest.mark.slow
 def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, tmp_path_factory, request):
-    """A real `snakemake --cores 2` in a copy of the workflow, with a tiny model."""
-    config = copy_workflow(tmp_path)
+    """A real `snakemake --cores 2` in a copy of the workflow, with a tiny model; its dataset is
+    preprocessed in two shards (one job each) that a third job joins."""
+    config = copy_workflow(tmp_path, "data.preprocess_shards=2")
     result = snakemake("--cores", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     toy_metrics = json.loads((tmp_path / "results/demo/toy/metrics.json").read_text())
@@ -173,9 +175,12 @@ def test_end_to_end_run_tags_every_stage_with_one_execution(tmp_path, tmp_path_f
     runs = mlflow.search_runs(experiment_names=["demo"])
     trained = json.loads((tmp_path / "results/demo/train/checkpoint.json").read_text())
     assert trained["step"] == 30 and (tmp_path / trained["latest"]).is_dir() and trained["best_val_nelbo_bpd"] > 0
-    assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 6 + ["preprocess", "sample", "toy", "train"]
+    assert sorted(runs["tags.pipeline.stage"]) == ["evaluate"] + ["generate"] * 6 + ["preprocess"] * 3 + ["sample", "toy", "train"]
     generated = [f"generate {name}/{shard}" for name in ("g", "q", "t") for shard in (0, 1)]
-    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", *generated, "preprocess", "sample", "toy", "train"]
+    preprocessed = ["preprocess join", "preprocess shard 0/2", "preprocess shard 1/2"]
+    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", *generated, *preprocessed, "sample", "toy", "train"]
+    with h5py.File(tmp_path / "data/processed/pythia/train.h5") as file:
+        assert file["particles"].is_virtual  # the two shards, joined
     assert_lineage(tmp_path, runs)
     toy_run = runs[runs["tags.pipeline.stage"] == "toy"].iloc[0]
     assert toy_metrics and toy_metrics == pytest.approx({name: toy_run[f"metrics.{name}"] for name in toy_metrics})  # file == run
@@ -236,9 +241,14 @@ def assert_lineage(folder, runs):
             files.setdefault((stage, tags["mlflow.data.context"]), {})[dataset.name] = (dataset.digest, jets)
     shards = {name: value for (stage, _), written in files.items() if stage == "generate" for name, value in written.items()}
     assert len(shards) == 6 and all(jets == 20 for _, jets in shards.values())
-    assert files["preprocess", "read"] == shards
+    # Two shard jobs read the raw files and wrote shards of every split; the join read those shards.
+    read, written = files["preprocess", "read"], files["preprocess", "written"]
+    assert {name: value for name, value in read.items() if name.startswith("data/raw/")} == shards
+    preprocessed_shards = {f"data/processed/pythia/shards/{name}-0000{shard}-of-00002.{suffix}" for shard in (0, 1)
+                           for name, suffix in (("train", "h5"), ("val", "h5"), ("test", "h5"), ("moments", "json"))}
+    assert {name: value for name, value in read.items() if "/shards/" in name} == {name: written[name] for name in preprocessed_shards}
     processed = {f"data/processed/pythia/{name}" for name in ("train.h5", "val.h5", "test.h5", "normalisation.json")}
-    assert set(files["preprocess", "written"]) == processed
+    assert set(written) == processed | preprocessed_shards
     assert files["train", "read"].items() <= files["preprocess", "written"].items() and len(files["train", "read"]) == 3
     assert files["sample", "read"]["results/demo/train/checkpoint.json"] == files["train", "written"]["results/demo/train/checkpoint.json"]
     assert files["sample", "written"] == {"results/demo/sample/samples.h5": files["evaluate", "read"]["results/demo/sample/samples.h5"]}

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from snakemake.utils import validate
 
 import pipeline
-from pipeline.config import SAFE_NAME, Source, check_names, pythia_shard_stem
+from pipeline.config import SAFE_NAME, SHARDS_FOLDER, Source, check_names, processed_shard_stem, pythia_shard_stem
 
 CONFIG_SCHEMA = "workflow/schemas/config.schema.yaml"
 CONFIG_FILES = ", ".join(str(path) for path in workflow.configfiles)
@@ -231,6 +231,33 @@ def raw_files(wildcards):
         return [f"data/raw/{wildcards.dataset}/{pythia_shard_stem(name, shard)}.root"
                 for name in data.class_names for shard in range(data.generator.n_shards)]
     return [f"data/raw/{wildcards.dataset}/download.json"]
+
+
+def raw_files_of_shard(wildcards):
+    """The raw files that preprocessing shard ``wildcards.shard`` reads (pipeline.preprocess.shard_groups:
+    dealt round-robin); for downloaded datasets, the download record (the files are known once it exists)."""
+    data = CONFIGS[DATASETS[wildcards.dataset]].data
+    files = raw_files(wildcards)
+    if Source(data.source) != Source.pythia:
+        return files
+    return files[int(wildcards.shard) :: data.preprocess_shards]
+
+
+def preprocess_inputs(wildcards):
+    """The inputs of preprocessing a dataset: its raw files, or with data.preprocess_shards > 1 the
+    shards that it joins."""
+    data = CONFIGS[DATASETS[wildcards.dataset]].data
+    if data.preprocess_shards == 1:
+        return raw_files(wildcards)
+    folder = f"data/processed/{wildcards.dataset}/{SHARDS_FOLDER}"
+    return [f"{folder}/{name}-{processed_shard_stem(shard, data.preprocess_shards)}.{suffix}"
+            for shard in range(data.preprocess_shards)
+            for name, suffix in (("train", "h5"), ("val", "h5"), ("test", "h5"), ("moments", "json"))]
+
+
+def preprocess_join(wildcards):
+    """The override that makes the preprocess rule join shards, where there are several."""
+    return "data.preprocess_join=true" if CONFIGS[DATASETS[wildcards.dataset]].data.preprocess_shards > 1 else ""
 
 
 def train_settings(wildcards):

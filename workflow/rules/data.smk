@@ -43,10 +43,38 @@ rule download:
         "python -m pipeline.download {params.hydra} > {log:q} 2>&1"
 
 
-rule preprocess:
-    """Turn a dataset's raw files into train/val/test sets files and normalisation statistics."""
+rule preprocess_shard:
+    """Preprocess one group of a dataset's raw files into its shard of every split (only with
+    data.preprocess_shards > 1: a cluster preprocesses the groups in parallel)."""
     input:
-        raw_files,
+        raw_files_of_shard,
+    output:  # pipeline.config.processed_shard_stem's name: 00003-of-00010
+        train="data/processed/{dataset}/shards/train-{shard}-of-{n_shards}.h5",
+        val="data/processed/{dataset}/shards/val-{shard}-of-{n_shards}.h5",
+        test="data/processed/{dataset}/shards/test-{shard}-of-{n_shards}.h5",
+        moments="data/processed/{dataset}/shards/moments-{shard}-of-{n_shards}.json",
+    wildcard_constraints:
+        shard=r"\d{5}",
+        n_shards=r"\d{5}",
+    params:
+        hydra=dataset_hydra_args,
+        settings=dataset_settings,
+        shard=lambda wildcards: int(wildcards.shard),
+    log:
+        "data/processed/{dataset}/logs/preprocess_{shard}-of-{n_shards}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    shell:
+        "python -m pipeline.preprocess {params.hydra} data.preprocess_shard={params.shard} > {log:q} 2>&1"
+
+
+rule preprocess:
+    """Turn a dataset's raw files into train/val/test sets files and normalisation statistics, or
+    join its shards into them (data.preprocess_shards > 1)."""
+    input:
+        preprocess_inputs,
     output:
         train="data/processed/{dataset}/train.h5",
         val="data/processed/{dataset}/val.h5",
@@ -55,6 +83,7 @@ rule preprocess:
     params:
         hydra=dataset_hydra_args,
         settings=dataset_settings,
+        join=preprocess_join,
     log:
         "data/processed/{dataset}/logs/preprocess.log",
     threads: 2
@@ -62,4 +91,4 @@ rule preprocess:
         mem_mb=4000,
         runtime=240,
     shell:
-        "python -m pipeline.preprocess {params.hydra} > {log:q} 2>&1"
+        "python -m pipeline.preprocess {params.hydra} {params.join} > {log:q} 2>&1"
