@@ -1,11 +1,13 @@
 """The training input's memory and speed against the size of the dataset.
 
     python benchmarks/bench_input.py [--jets 10000000 1000000] [--n-max 30] [--batch-size 256] [--steps 3000]
-                                     [--train-steps 100]
+                                     [--train-steps 100] [--shards 1]
 
 For each size, a synthetic processed dataset (``train.h5`` in the sets layout of ``pipeline.sets``,
 multiplicities uniform in 5..n_max, a ``val.h5`` of 2 048 jets and their ``normalisation.json``) is
-written to a temporary folder. Then, each in a fresh Python process:
+written to a temporary folder; with ``--shards K`` the train split is written as K shard files that
+``train.h5`` joins, as ``pipeline.preprocess`` writes it with ``data.preprocess_shards=K``. Then,
+each in a fresh Python process:
 
 - the input alone: ``TrainBatches`` as ``pipeline.train`` builds it (``train.window_jets`` at its
   default) draws ``--steps`` batches of ``--batch-size`` jets, cut to their padding;
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import PARTICLE_FEATURES
-from pipeline.sets import write_sets
+from pipeline.config import PARTICLE_FEATURES, SHARDS_FOLDER, processed_shard_stem
+from pipeline.sets import write_joined_sets, write_sets
 
 WRITE_JETS = 100_000  # jets generated and appended at a time
 
@@ -48,10 +50,19 @@ def write_split(path: Path, n_jets: int, n_max: int, rng: np.random.Generator) -
             writer.append(particles, mask, rng.normal(size=(count, 1)).astype(np.float32), rng.integers(0, 2, count).astype(np.int32))
 
 
-def write_dataset(folder: Path, n_jets: int, n_max: int, seed: int = 0) -> None:
-    """``train.h5`` of ``n_jets`` random jets, ``val.h5`` of 2 048 and a ``normalisation.json`` of unit statistics."""
+def write_dataset(folder: Path, n_jets: int, n_max: int, n_shards: int = 1, seed: int = 0) -> None:
+    """``train.h5`` of ``n_jets`` random jets (joining ``n_shards`` shards, if more than 1), ``val.h5``
+    of 2 048 and a ``normalisation.json`` of unit statistics."""
     rng = np.random.default_rng(seed)
-    write_split(folder / "train.h5", n_jets, n_max, rng)
+    if n_shards == 1:
+        write_split(folder / "train.h5", n_jets, n_max, rng)
+    else:
+        (folder / SHARDS_FOLDER).mkdir()
+        shards = [folder / SHARDS_FOLDER / f"train-{processed_shard_stem(shard, n_shards)}.h5" for shard in range(n_shards)]
+        for shard, path in enumerate(shards):
+            write_split(path, (shard + 1) * n_jets // n_shards - shard * n_jets // n_shards, n_max, rng)
+        with write_joined_sets(folder / "train.h5", shards):
+            pass
     write_split(folder / "val.h5", 2_048, n_max, rng)
     unit = {name: {"mean": 0.0, "std": 1.0} for name in PARTICLE_FEATURES}
     (folder / "normalisation.json").write_text(json.dumps({
@@ -109,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--shards", type=int, default=1, help="write the train split as this many shards, joined")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # internal: what to measure, and the folder
     args = parser.parse_args()
     if args.measure:
@@ -117,13 +129,14 @@ def main() -> None:
         print(json.dumps(measure(Path(folder), args.batch_size, args.steps if what == "input" else args.train_steps)))
         return
 
-    print(f"n_max {args.n_max}, batch {args.batch_size}; input: {args.steps} batches; training: {args.train_steps} steps, small model")
+    print(f"n_max {args.n_max}, batch {args.batch_size}, train split in {args.shards} shard(s); input: {args.steps} batches; "
+          f"training: {args.train_steps} steps, small model")
     print("| jets | float32 sets GB | write s | open s | input jets/s | input peak RSS GB | training s | training peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|")
     for n_jets in args.jets:
         with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
             start = time.perf_counter()
-            write_dataset(Path(folder), n_jets, args.n_max)
+            write_dataset(Path(folder), n_jets, args.n_max, args.shards)
             write_seconds = time.perf_counter() - start
             figures = {}
             for what in ("input", "training"):
