@@ -52,6 +52,7 @@ mapping, e.g. ``'data.files={g.hdf5:{known_hash:"md5:..."}}'``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -266,18 +267,37 @@ def entry_kind(entry: tarfile.TarInfo) -> str:
     return "special file"
 
 
-def extract_members(archive: Path, members: list[str], raw_dir: Path) -> None:
+def is_pattern(member: str) -> bool:
+    """Whether an archive member is given as a shell-style pattern (``train_100M/*.root``)."""
+    return any(character in member for character in "*?[")
+
+
+def extract_members(archive: Path, members: list[str], raw_dir: Path) -> list[str]:
     """Copy the ``members`` of ``archive`` that ``raw_dir`` lacks into it, each under its path in the
-    archive; a member appears only once complete. Every member is checked before any is written: it
+    archive; a member appears only once complete; returns the members, patterns replaced by the
+    regular files they match (in archive order). Every member is checked before any is written: it
     must stay inside ``raw_dir`` and be a regular file of the archive (a link is refused, never
-    followed)."""
+    followed); a pattern must match at least one regular file."""
     check_members(archive.name, members)
-    missing = [member for member in members if not (raw_dir / member).exists()]
-    if not missing:
-        return
+    patterns = [member for member in members if is_pattern(member)]
+    if not patterns and all((raw_dir / member).exists() for member in members):
+        return list(members)
     with tarfile.open(archive) as tar:
-        entries = {}
-        for member in missing:
+        matched = {}
+        if patterns:
+            regular = [entry for entry in tar.getmembers() if entry.isfile()]
+            for pattern in patterns:
+                hits = [entry for entry in regular if fnmatch.fnmatchcase(entry.name, pattern)]
+                if not hits:
+                    raise PipelineError(f"{archive.name} holds no regular file matching {pattern!r}: list its files with "
+                                        f"`tar tf {archive}` and fix the members of {archive.name} in data.files.")
+                check_members(archive.name, [entry.name for entry in hits])
+                matched.update((entry.name, entry) for entry in hits)
+        expanded = list(dict.fromkeys(member for given in members for member in
+                                      ([name for name in matched if fnmatch.fnmatchcase(name, given)] if is_pattern(given) else [given])))
+        missing = [member for member in expanded if not (raw_dir / member).exists()]
+        entries = {member: matched[member] for member in missing if member in matched}
+        for member in (member for member in missing if member not in matched):
             try:
                 entries[member] = tar.getmember(member)
             except KeyError:
@@ -292,6 +312,7 @@ def extract_members(archive: Path, members: list[str], raw_dir: Path) -> None:
         for member, entry in entries.items():
             with tar.extractfile(entry) as source, atomic_output(raw_dir / member, "wb") as target:
                 shutil.copyfileobj(source, target, CHUNK_BYTES)
+    return expanded
 
 
 @dataclass(frozen=True)
@@ -362,10 +383,27 @@ class Obtained:
     seconds: float = 0.0
 
 
+def extracted_members(raw_dir: Path) -> dict[str, list[str]]:
+    """The members each archive had extracted by the last run into ``raw_dir`` (its ``download.json``),
+    patterns replaced by the files they matched; empty before any run."""
+    record = raw_dir / "download.json"
+    if not record.is_file():
+        return {}
+    return {entry["name"]: entry["members"] for entry in json.loads(record.read_text())["files"] if entry.get("members")}
+
+
+def archive_members(raw_dir: Path, name: str, remote: RemoteFile) -> list[str] | None:
+    """The members of the archive ``name`` as files in ``raw_dir``: as listed, or, where the list has
+    patterns, as the last run extracted them (None: not known until the archive is read)."""
+    if not any(is_pattern(member) for member in remote.members):
+        return list(remote.members)
+    return extracted_members(raw_dir).get(name)
+
+
 def archive_not_needed(raw_dir: Path, name: str, remote: RemoteFile) -> bool:
     """Whether ``name`` is an archive absent from ``raw_dir`` whose members all are there."""
-    return (bool(remote.members) and not (raw_dir / name).exists()
-            and all((raw_dir / member).exists() for member in remote.members))
+    members = archive_members(raw_dir, name, remote) if remote.members else None
+    return bool(members) and not (raw_dir / name).exists() and all((raw_dir / member).exists() for member in members)
 
 
 def obtain(registry: pooch.Pooch, name: str, remote: RemoteFile, url: str, raw_dir: Path,
@@ -382,7 +420,8 @@ def obtain(registry: pooch.Pooch, name: str, remote: RemoteFile, url: str, raw_d
     try:
         registry.fetch(name, downloader=downloader)
         seconds = time.perf_counter() - start
-        extract_members(path, remote.members, raw_dir)
+        if remote.members:
+            record["members"] = extract_members(path, remote.members, raw_dir)
     except requests.RequestException as error:
         raise PipelineError(network_failure(error, url, name)) from None
     except ValueError:  # pooch: the file does not match the checksum
@@ -446,7 +485,7 @@ def download(data: DataConfig, raw_dir: Path) -> tuple[list[dict], dict[str, flo
             print(f"download: {name}: {'downloaded' if outcome.downloaded else 'present'}, {verified}")
         else:
             record = {"name": name, "url": urls[name], "hash": None, "hash_source": None, "size": None,
-                      "members": list(remote.members)}
+                      "members": archive_members(raw_dir, name, remote)}
             outcome = Obtained(record, downloaded=False, verified=False)
             print(f"download: {name}: not needed, its members are present")
         obtained.append(outcome)

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .background import in_background
+from .download import archive_members
 from .config import SHARDS_FOLDER, Config, Source, jetnet_file_name, processed_shard_stem, pythia_shard_stem
 from .readers import READERS, UNLABELLED, RawJets, per_jet_sum
 from .sets import count_jets, write_joined_sets, write_sets
@@ -67,8 +68,14 @@ def raw_files(data: DictConfig) -> list[Path]:
         names = [jetnet_file_name(data.labels, name) for name in data.class_names]
         remedy = "python -m pipeline.download"
     else:
-        names = [member for name, remote in data.files.items() for member in (remote.members or [name])]
         remedy = "python -m pipeline.download"
+        names = []
+        for name, remote in data.files.items():
+            members = archive_members(raw_dir, name, remote) if remote.members else [name]
+            if members is None:
+                raise PipelineError(f"the members of {name} are given as patterns and are known once it is extracted; "
+                                    f"run `{remedy} data={data.name}` first.")
+            names += members
     paths = [raw_dir / name for name in names]
     for path in paths:
         if not path.is_file():

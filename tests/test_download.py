@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import compose_config, run_stage
-from jet_files import EMPTY_JET, NAN_JET, expected_sets, random_jets, sort_by_jet_pt, write_jetnet
+from jet_files import EMPTY_JET, NAN_JET, expected_sets, random_jets, sort_by_jet_pt, write_jetnet, write_root
 from pipeline import download
 from pipeline.config import RemoteFile
 from pipeline.preprocess import preprocess
@@ -426,6 +426,41 @@ def test_archive_members_are_extracted_and_a_later_run_needs_no_archive(tmp_path
     assert server.requests == []
 
 
+def test_members_given_as_a_pattern_are_the_regular_files_it_matches_and_preprocess_reads_them(tmp_path, server, capsys):
+    """An archive whose file names are not known beforehand (JetClass's training parts): its members
+    as a pattern; download.json records the files it matched, a later run needs no archive, and
+    preprocessing reads exactly those files."""
+    rng = np.random.default_rng(2)
+    bodies, jets_per_file = {}, {}
+    for member, label in [("val_5M/ZJetsToNuNu_120.root", "label_QCD"), ("val_5M/TTBar_120.root", "label_Tbqq")]:
+        jets = [jet for jet in random_jets(rng, 6) if len(jet) and np.isfinite(jet).all()]
+        write_root(tmp_path / "file.root", jets, {branch: [branch == label] * len(jets) for branch in ("label_QCD", "label_Tbqq")})
+        bodies[member], jets_per_file[member] = (tmp_path / "file.root").read_bytes(), len(jets)
+    link = tarfile.TarInfo("val_5M/link.root")  # matches the pattern, but is no regular file: never extracted
+    link.type, link.linkname = tarfile.SYMTYPE, "TTBar_120.root"
+    archive = tar_archive({**bodies, "val_5M/README.txt": b"not a root file"}, [link])
+    raw, processed = tmp_path / "raw", tmp_path / "processed"
+    overrides = jetclass(server, raw, archive, f"data.files={{{JETCLASS_ARCHIVE}:{{members:['val_5M/*.root']}}}}",
+                         "data.class_names=[qcd,t]", f"data.processed_dir={processed}")
+    assert run_in_process(capsys, *overrides)[0] == 0
+    [record] = json.loads((raw / "download.json").read_text())["files"]
+    assert record["members"] == list(bodies)  # in archive order
+    assert not (raw / "val_5M" / "link.root").exists() and not (raw / "val_5M" / "README.txt").exists()
+    (raw / JETCLASS_ARCHIVE).unlink()  # removable once extracted
+    server.requests.clear()
+    assert run_in_process(capsys, *overrides)[0] == 0 and server.requests == []
+    counts = preprocess(compose_config(*overrides, "data.n_max=8"), processed, progress=False)[0]
+    assert counts["jets_read"] == sum(jets_per_file.values())
+    assert [entry["file"] for entry in json.loads(read_sets(processed / "train.h5", datasets=())["source_files"])] == \
+        ["ZJetsToNuNu_120.root", "TTBar_120.root"]
+
+    status, message = run_in_process(capsys, *jetclass(server, tmp_path / "other", archive,
+                                                       f"data.files={{{JETCLASS_ARCHIVE}:{{members:['train_100M/*.root']}}}}"))
+    assert status == 2 and message == (f"download: error: {JETCLASS_ARCHIVE} holds no regular file matching 'train_100M/*.root': "
+                                       f"list its files with `tar tf {tmp_path / 'other' / JETCLASS_ARCHIVE}` and fix the "
+                                       f"members of {JETCLASS_ARCHIVE} in data.files.")
+
+
 @pytest.mark.parametrize("where", ["parent folder", "absolute path"])
 def test_an_archive_member_outside_raw_dir_is_refused_before_anything_is_written(tmp_path, server, capsys, where):
     raw = tmp_path / "raw"
@@ -477,7 +512,7 @@ def test_a_file_name_that_leaves_raw_dir_is_refused(tmp_path, name):
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.parametrize("dataset", ["jetnet30", "jetnet150", "jetclass", "toptagging", "qg"])
+@pytest.mark.parametrize("dataset", ["jetnet30", "jetnet150", "jetclass", "jetclass_full", "toptagging", "qg"])
 def test_every_public_dataset_config_is_downloadable(tmp_path, dataset):
     data = compose_config(f"data={dataset}", f"data.raw_dir={tmp_path}").data
     download.check_before_starting(data)  # files listed, hashes well formed

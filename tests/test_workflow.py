@@ -44,7 +44,8 @@ def test_dry_run_plans_the_default_target():
 def test_every_experiment_preset_plans_its_whole_pipeline(tmp_path):
     """A dry run of the full DAG with every preset in pipeline/conf/experiment as an experiment."""
     presets = sorted(path.stem for path in (PROJECT_ROOT / "pipeline" / "conf" / "experiment").glob("*.yaml"))
-    assert {"demo", "jetnet30_gluon", "jetnet30_top", "jetnet150_gluon", "jetnet150_top", "jetclass", "toptagging", "qg"} <= set(presets)
+    assert {"demo", "jetnet30_gluon", "jetnet30_top", "jetnet150_gluon", "jetnet150_top", "jetclass", "jetclass_full", "toptagging",
+            "qg"} <= set(presets)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"experiments": {name: [] for name in presets}}))
     result = snakemake("--cores", "2", "-n", "--forceall", "--configfile", str(config))
@@ -53,6 +54,7 @@ def test_every_experiment_preset_plans_its_whole_pipeline(tmp_path):
     counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if line.strip()}
     assert counts["train"] == counts["sample"] == counts["evaluate"] == len(presets)
     assert counts["download"] == len(presets) - 1  # every preset but demo downloads its own dataset
+    assert counts["preprocess_shard"] == 125  # full JetClass: one job per shard of 10 files, side by side
 
 
 def planned_commands(folder, config) -> dict[str, list[str]]:
