@@ -201,6 +201,13 @@ class RunningMoments:
         return {name: {"mean": float(m), "std": float(s)} for name, m, s in zip(self.names, mean, std)}
 
 
+def train_moments(data: DictConfig) -> dict[str, RunningMoments]:
+    """The statistics ``normalisation.json`` holds, to accumulate over the train split: of the particle
+    features, of ``log(pt_rel)`` (for ``model.log_pt_rel``) and of the jet features."""
+    return {"particles": RunningMoments(list(data.feature_names)), "log_particles": RunningMoments(["pt_rel"]),
+            "jets": RunningMoments(list(data.jet_feature_names))}
+
+
 def check_config(data: DictConfig) -> None:
     fractions = list(data.split_fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
@@ -243,8 +250,7 @@ def preprocess_files(cfg: DictConfig, reader, paths: list[Path], outputs: dict[s
     data = cfg.data
     plan = chunk_plan(reader, paths, data.chunk_jets)
     sources = [{"file": path.name, "sha256": file_sha256(path), "jets": reader.n_jets(path)} for path in paths]
-    moments = {"particles": RunningMoments(list(data.feature_names)), "jets": RunningMoments(list(data.jet_feature_names)),
-               "log_particles": RunningMoments(["pt_rel"])}  # of log(pt_rel), for model.log_pt_rel
+    moments = train_moments(data)
     counts = dict.fromkeys(["jets_read", *(f"jets_{split}" for split in SPLITS), *(f"dropped_{reason}" for reason in DROP_REASONS)], 0)
     with ExitStack() as files:
         writers = {
@@ -373,8 +379,7 @@ def join_shards(cfg: DictConfig, processed_dir: Path, n_shards: int) -> tuple[di
         parts.append((outputs, json.loads(outputs["moments"].read_text())))
     counts = {name: sum(part["counts"][name] for _, part in parts) for name in parts[0][1]["counts"]}
     sources = [source for _, part in parts for source in part["sources"]]
-    moments = {"particles": RunningMoments(list(data.feature_names)), "jets": RunningMoments(list(data.jet_feature_names)),
-               "log_particles": RunningMoments(["pt_rel"])}
+    moments = train_moments(data)
     for _, part in parts:
         for name, running in moments.items():
             running.merge(part[name])
