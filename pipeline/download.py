@@ -283,18 +283,20 @@ def extract_members(archive: Path, members: list[str], raw_dir: Path) -> list[st
     if not patterns and all((raw_dir / member).exists() for member in members):
         return list(members)
     with tarfile.open(archive) as tar:
-        matched = {}
-        if patterns:
-            regular = [entry for entry in tar.getmembers() if entry.isfile()]
-            for pattern in patterns:
-                hits = [entry for entry in regular if fnmatch.fnmatchcase(entry.name, pattern)]
-                if not hits:
-                    raise PipelineError(f"{archive.name} holds no regular file matching {pattern!r}: list its files with "
-                                        f"`tar tf {archive}` and fix the members of {archive.name} in data.files.")
-                check_members(archive.name, [entry.name for entry in hits])
-                matched.update((entry.name, entry) for entry in hits)
-        expanded = list(dict.fromkeys(member for given in members for member in
-                                      ([name for name in matched if fnmatch.fnmatchcase(name, given)] if is_pattern(given) else [given])))
+        regular = [entry for entry in tar.getmembers() if entry.isfile()] if patterns else []
+        matched, expanded = {}, []  # matched: the archive entries of the patterns' files, by name
+        for member in members:
+            if not is_pattern(member):
+                expanded.append(member)
+                continue
+            hits = [entry for entry in regular if fnmatch.fnmatchcase(entry.name, member)]
+            if not hits:
+                raise PipelineError(f"{archive.name} holds no regular file matching {member!r}: list its files with "
+                                    f"`tar tf {archive}` and fix the members of {archive.name} in data.files.")
+            check_members(archive.name, [entry.name for entry in hits])
+            matched.update((entry.name, entry) for entry in hits)
+            expanded += [entry.name for entry in hits]
+        expanded = list(dict.fromkeys(expanded))
         missing = [member for member in expanded if not (raw_dir / member).exists()]
         entries = {member: matched[member] for member in missing if member in matched}
         for member in (member for member in missing if member not in matched):

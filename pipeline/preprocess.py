@@ -49,7 +49,7 @@ from .background import in_background
 from .download import archive_members
 from .config import SHARDS_FOLDER, Config, Source, jetnet_file_name, processed_shard_stem, pythia_shard_stem
 from .readers import READERS, UNLABELLED, RawJets, per_jet_sum
-from .sets import count_jets, write_joined_sets, write_sets
+from .sets import write_joined_sets, write_sets
 from .files import PipelineError, atomic_output, file_sha256
 from .stage import stage
 from .tracking import READ, WRITTEN, FileDataset, log_files
@@ -347,10 +347,8 @@ def preprocess(cfg: DictConfig, processed_dir: Path, progress: bool = True) -> t
         written += split_datasets(outputs, counts, outputs["moments"])
     if data.preprocess_shard is not None:
         return {**counts, "seconds": time.perf_counter() - start}, sources, read, written
-    counts, sources, moments = join_shards(cfg, processed_dir, n_shards)
-    if not read:  # joined only: it read the shards
-        read = [FileDataset(path, count_jets(path) if path.suffix == ".h5" else None)
-                for shard in range(n_shards) for path in shard_outputs(processed_dir, shard, n_shards).values()]
+    counts, sources, shards_read = join_shards(cfg, processed_dir, n_shards)
+    read = read or shards_read  # joined only: it read the shards
     return ({**counts, "seconds": time.perf_counter() - start}, sources, read,
             split_datasets(splits, counts, processed_dir / "normalisation.json"))
 
@@ -365,9 +363,10 @@ def split_datasets(splits: dict[str, Path], counts: dict, statistics: Path) -> l
     return [*(FileDataset(splits[split], counts[f"jets_{split}"]) for split in SPLITS), FileDataset(statistics)]
 
 
-def join_shards(cfg: DictConfig, processed_dir: Path, n_shards: int) -> tuple[dict, list[dict], dict[str, RunningMoments]]:
+def join_shards(cfg: DictConfig, processed_dir: Path, n_shards: int) -> tuple[dict, list[dict], list[FileDataset]]:
     """Join the shards of every split into one sets file (``pipeline.sets.write_joined_sets``) and merge
-    their statistics into ``normalisation.json``; returns the summed counts, sources and moments."""
+    their statistics into ``normalisation.json``; returns the summed counts, the sources and the shard
+    files read (each hashed once)."""
     data = cfg.data
     parts = []
     for shard in range(n_shards):
@@ -383,16 +382,18 @@ def join_shards(cfg: DictConfig, processed_dir: Path, n_shards: int) -> tuple[di
     for _, part in parts:
         for name, running in moments.items():
             running.merge(part[name])
+    digests = {path: file_sha256(path) for outputs, _ in parts for path in outputs.values()}
     with ExitStack() as joined:
         for split in SPLITS:
             shards = [outputs[split] for outputs, _ in parts]
             joined.enter_context(write_joined_sets(
                 processed_dir / f"{split}.h5", shards, source_files=sources, config=OmegaConf.to_yaml(cfg, resolve=True),
-                shards=[{"file": str(path.relative_to(processed_dir)), "sha256": file_sha256(path)} for path in shards],
+                shards=[{"file": str(path.relative_to(processed_dir)), "sha256": digests[path]} for path in shards],
                 **{f"dropped_{reason}": counts[f"dropped_{reason}"] for reason in DROP_REASONS},
             ))
     write_normalisation(processed_dir / "normalisation.json", moments)
-    return counts, sources, moments
+    read = [FileDataset(path, part["counts"].get(f"jets_{name}"), digests[path]) for outputs, part in parts for name, path in outputs.items()]
+    return counts, sources, read
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
