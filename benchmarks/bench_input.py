@@ -1,7 +1,7 @@
 """The training input's memory and speed against the size of the dataset.
 
     python benchmarks/bench_input.py [--jets 10000000 1000000] [--n-max 30] [--batch-size 256] [--steps 3000]
-                                     [--train-steps 100] [--shards 1]
+                                     [--train-steps 100] [--shards 1] [--window-jets 262144]
 
 For each size, a synthetic processed dataset (``train.h5`` in the sets layout of ``pipeline.sets``,
 multiplicities uniform in 5..n_max, a ``val.h5`` of 2 048 jets and their ``normalisation.json``) is
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import PARTICLE_FEATURES, SHARDS_FOLDER, processed_shard_stem
+from pipeline.config import PARTICLE_FEATURES, SHARDS_FOLDER, TrainConfig, processed_shard_stem
 from pipeline.sets import write_joined_sets, write_sets
 
 WRITE_JETS = 100_000  # jets generated and appended at a time
@@ -71,12 +71,13 @@ def write_dataset(folder: Path, n_jets: int, n_max: int, n_shards: int = 1, seed
     }))
 
 
-def measure_input(folder: Path, batch_size: int, steps: int) -> dict:
+def measure_input(folder: Path, batch_size: int, steps: int, window_jets: int) -> dict:
     """Open the train split as training does and draw ``steps`` batches (run in a fresh process)."""
     from pipeline.input_pipeline import TrainBatches
 
     start = time.perf_counter()
-    batches = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=0, n_local_devices=1)
+    batches = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=0, n_local_devices=1,
+                           window_jets=window_jets)
     open_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for step in range(steps):
@@ -85,7 +86,7 @@ def measure_input(folder: Path, batch_size: int, steps: int) -> dict:
     return {"open_s": open_seconds, "jets_per_s": steps * batch_size / draw_seconds, "peak_rss_gb": peak_resident_gb()}
 
 
-def measure_training(folder: Path, batch_size: int, steps: int) -> dict:
+def measure_training(folder: Path, batch_size: int, steps: int, window_jets: int) -> dict:
     """A short training run of the demo's small model on the dataset (run in a fresh process)."""
     from hydra import compose, initialize_config_dir
 
@@ -96,6 +97,7 @@ def measure_training(folder: Path, batch_size: int, steps: int) -> dict:
         cfg = compose("config", overrides=[
             "model=small", f"data.processed_dir={folder}", f"train.steps={steps}", f"train.batch_size={batch_size}",
             "train.warmup_steps=10", f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.val_jets=256",
+            f"train.window_jets={window_jets}",
         ])
     with tempfile.TemporaryDirectory(prefix="bench-input-train-") as output:
         start = time.perf_counter()
@@ -121,15 +123,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--train-steps", type=int, default=100)
     parser.add_argument("--shards", type=int, default=1, help="write the train split as this many shards, joined")
+    parser.add_argument("--window-jets", type=int, default=TrainConfig.window_jets, help="train.window_jets: jets read at a time")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # internal: what to measure, and the folder
     args = parser.parse_args()
     if args.measure:
         what, folder = args.measure
         measure = measure_input if what == "input" else measure_training
-        print(json.dumps(measure(Path(folder), args.batch_size, args.steps if what == "input" else args.train_steps)))
+        print(json.dumps(measure(Path(folder), args.batch_size, args.steps if what == "input" else args.train_steps, args.window_jets)))
         return
 
-    print(f"n_max {args.n_max}, batch {args.batch_size}, train split in {args.shards} shard(s); input: {args.steps} batches; "
+    print(f"n_max {args.n_max}, batch {args.batch_size}, train split in {args.shards} shard(s), windows of {args.window_jets} jets; "
+          f"input: {args.steps} batches; "
           f"training: {args.train_steps} steps, small model")
     print("| jets | float32 sets GB | write s | open s | input jets/s | input peak RSS GB | training s | training peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -142,7 +146,7 @@ def main() -> None:
             for what in ("input", "training"):
                 result = subprocess.run(
                     [sys.executable, __file__, "--measure", what, folder, "--batch-size", str(args.batch_size),
-                     "--steps", str(args.steps), "--train-steps", str(args.train_steps)],
+                     "--steps", str(args.steps), "--train-steps", str(args.train_steps), "--window-jets", str(args.window_jets)],
                     capture_output=True, text=True, check=True,
                 )
                 figures.update(json.loads(result.stdout.strip().splitlines()[-1]))

@@ -2,6 +2,7 @@
 lower learning rate it advises, padding-aware batches, and two processes joined with jax.distributed.
 Several CPU devices are simulated with XLA_FLAGS."""
 
+import importlib.util
 import json
 import os
 import re
@@ -326,6 +327,32 @@ def test_processes_read_disjoint_windows_that_cover_each_epoch_once_in_bounded_m
     for step in (steps + 5, 2 * steps - 1, 7):  # next epoch, its last batch, back in the first: the same batches
         np.testing.assert_array_equal(resumed(step)["x"], readers[1](step)["x"])
     assert not np.array_equal(readers[0].window_batches(0, 0), readers[0].window_batches(1, 0))  # reshuffled each epoch
+
+
+def test_a_training_run_holds_a_window_of_the_train_split_not_the_whole(tmp_path):
+    """Peak resident memory of a short training run, measured as ``benchmarks/bench_input.py``
+    measures it (``VmHWM`` of a fresh process), on a train split of 40k jets and on one of 1M jets
+    (390 MB of float32 particles and masks), read in windows of 8 192 jets: the larger split adds
+    less than a quarter of its size (a run that loaded it would add all of it). Both runs compile
+    without the persistent cache, so that compilation weighs the same in each."""
+    spec = importlib.util.spec_from_file_location("bench_input", PROJECT_ROOT / "benchmarks" / "bench_input.py")
+    bench_input = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_input)
+    peaks = {}
+    for n_jets in (40_000, 1_000_000):
+        folder = tmp_path / str(n_jets)
+        folder.mkdir()
+        bench_input.write_dataset(folder, n_jets, n_max=30)
+        result = subprocess.run(
+            [sys.executable, spec.origin, "--measure", "training", str(folder), "--batch-size", "256", "--train-steps", "20",
+             "--window-jets", "8192"],
+            cwd=PROJECT_ROOT, env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}, capture_output=True, text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        peaks[n_jets] = json.loads(result.stdout.strip().splitlines()[-1])["train_peak_rss_gb"]
+    split_gb = 1_000_000 * 30 * (3 * 4 + 1) / 1e9
+    assert peaks[1_000_000] - peaks[40_000] < split_gb / 4, peaks
 
 
 def test_a_damaged_train_split_is_refused_naming_it(tmp_path):
