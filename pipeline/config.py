@@ -252,6 +252,9 @@ class TrainConfig:
     # Jets shuffled together and held in memory at a time (divided among the processes): the
     # input's memory is about this many jets, whatever the train split's size
     window_jets: int = 262_144
+    # Contiguous parts of each window shuffled apart into their columns of every batch; 0: one per
+    # process, so that each process reads only its own part of the file
+    input_shares: int = 0
 
 
 @dataclass

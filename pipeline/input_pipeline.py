@@ -8,8 +8,8 @@ Training (``TrainBatches``) reads the train split a window at a time, so its mem
 with the split: epoch ``e`` takes the file's HDF5 chunks in an order seeded by ``(seed, e)``, cuts
 that stream into windows of ``train.window_jets`` jets, shuffles each window (seeded by ``(seed,
 e, window)``) and cuts it into batches; the incomplete last batch of an epoch is dropped. The batch
-sequence is a pure function of the seed and the step: a resumed run sees the same batches as an
-uninterrupted one, and any number of processes sees the same global batches.
+sequence is a pure function of the seed, the step and the number of input shares (below): a
+resumed run sees the same batches as an uninterrupted one.
 
 Padding-aware batching: a batch is cut to the largest multiplicity among its sets, rounded up to
 a bucket (``bucket_sizes``), so attention costs ~ n_used^2 instead of n_max^2 and only a few shapes
@@ -20,10 +20,15 @@ a window is sorted by multiplicity before it is cut into batches, and the window
 taken in a seeded random order. Sets of similar size share a batch and the cut saves much more;
 every set is still seen once per epoch (the usual bucketing by length).
 
-With several processes (multi-host training), process ``p`` of ``P`` takes rows ``p*B/P`` to
-``(p+1)*B/P`` of each global batch of ``B`` sets, and reads only those rows of each window; every
-process computes the same bucket from the whole batch's multiplicities. The rows are then split
-over the process's devices: ``[n_local_devices, B / (P * n_local_devices), ...]``.
+With several processes (multi-host training), each window's stream is cut into ``S`` contiguous
+shares (``train.input_shares``, by default one per process), each shuffled on its own into
+``B/S`` columns of every global batch of ``B`` sets. Process ``p`` of ``P`` takes columns
+``p*B/P`` to ``(p+1)*B/P``: with ``S = P`` that is its own share, so it reads only its share's
+chunks of the file, not the window's. Every process computes the same bucket from the whole
+batch's multiplicities. The rows are then split over the process's devices:
+``[n_local_devices, B / (P * n_local_devices), ...]``. The global batches depend on ``S`` and on
+nothing else about the processes or devices: one process run with ``input_shares=S`` sees the
+batches of ``S`` processes.
 """
 
 from __future__ import annotations
@@ -162,24 +167,32 @@ class TrainBatches:
     among the processes), whatever the split's size.
 
     The plan of an epoch (``window_batches``): the file's HDF5 chunks (1 024 jets each, as
-    ``pipeline.sets`` writes them) in an order seeded by ``(seed, epoch)`` make a stream of jets; the stream is cut into windows of
-    ``window_jets`` jets (rounded down to whole batches, at least one), and each window's jets are
-    shuffled with ``(seed, epoch, window)`` and cut into batches. A batch so mixes jets of hundreds
-    of chunks from all over the file; a split that fits in one window is shuffled whole. The plan
-    is a pure function of the seed and the step, so a resumed run sees exactly the batches an
-    uninterrupted one would, and it does not depend on the number of processes: process ``p`` of
-    ``P`` reads only its rows of each window (every process decodes the window's chunks, and keeps
-    ``1/P`` of them). The jets' multiplicities (2 bytes a jet) are read once, so that every process
-    cuts each batch to the same bucket and ``multiplicity_window`` sorts within a window.
+    ``pipeline.sets`` writes them) in an order seeded by ``(seed, epoch)`` make a stream of jets;
+    the stream is cut into windows of ``window_jets`` jets (rounded down to whole batches, at least
+    one), each window into ``input_shares`` contiguous shares, and each share's jets are shuffled
+    (seeded by ``(seed, epoch, window)``) into its ``batch_size / input_shares`` columns of the
+    window's batches. A batch so mixes jets of hundreds of chunks from all over the file; a split
+    that fits in one window is shuffled whole. The plan is a pure function of the seed, the step
+    and ``input_shares`` (by default ``process_count``), so a resumed run sees exactly the batches
+    an uninterrupted one would. Process ``p`` of ``P`` reads only its columns' rows of each window:
+    with one share per process, the chunks of its own share. The jets' multiplicities (2 bytes a
+    jet) are read once, so that every process cuts each batch to the same bucket and
+    ``multiplicity_window`` sorts within a window.
     """
 
     def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool, batch_size: int, seed: int,
                  n_local_devices: int, process_index: int = 0, process_count: int = 1, padding_aware: bool = True,
-                 multiplicity_window: int = 0, window_jets: int = 262_144):
+                 multiplicity_window: int = 0, window_jets: int = 262_144, input_shares: int = 0):
         n_devices = n_local_devices * process_count
         if batch_size % n_devices:
             raise PipelineError(
                 f"train.batch_size={batch_size} does not divide over {n_devices} devices; choose a multiple of {n_devices}."
+            )
+        self.input_shares = input_shares or process_count
+        if batch_size % self.input_shares:
+            raise PipelineError(
+                f"train.batch_size={batch_size} does not divide into train.input_shares={self.input_shares} shares; "
+                "choose a divisor of the batch size (0: one share per process)."
             )
         self.path, self.normalisation_path, self.use_context, self.log_pt_rel = path, normalisation_path, use_context, log_pt_rel
         with open_sets(path) as file:
@@ -209,21 +222,28 @@ class TrainBatches:
 
     def window_batches(self, epoch: int, window: int) -> np.ndarray:
         """``[batches, batch_size]`` file rows of window ``window`` of epoch ``epoch`` (the epoch's
-        incomplete last batch dropped)."""
-        batch_size = self.batch_size
+        incomplete last batch dropped): share ``s`` of the window's stream, shuffled, fills columns
+        ``s * batch_size / input_shares`` onwards. With ``multiplicity_window``, each share's runs
+        are sorted by multiplicity and the batches then taken in one seeded order, so the columns of
+        a batch hold sets of similar size in every share."""
         first_batch = window * self.batches_per_window
         n_batches = min(self.batches_per_window, self.batches_per_epoch - first_batch)
-        last = len(self.multiplicity) if first_batch + n_batches == self.batches_per_epoch else (first_batch + n_batches) * batch_size
-        rows = self.stream_rows(epoch, first_batch * batch_size, last)
+        first = first_batch * self.batch_size
+        last = len(self.multiplicity) if first_batch + n_batches == self.batches_per_epoch else first + n_batches * self.batch_size
+        share_width = self.batch_size // self.input_shares
+        bounds = first + (last - first) * np.arange(self.input_shares + 1) // self.input_shares
         rng = np.random.default_rng([self.seed, epoch, window])
-        rows = rows[rng.permutation(len(rows))][: n_batches * batch_size]
-        if self.multiplicity_window <= 0:
-            return rows.reshape(n_batches, batch_size)
-        run = self.multiplicity_window * batch_size
-        for start in range(0, len(rows), run):
-            run_rows = rows[start : start + run]
-            rows[start : start + run] = run_rows[np.argsort(self.multiplicity[run_rows], kind="stable")]
-        return rows.reshape(n_batches, batch_size)[rng.permutation(n_batches)]
+        columns = []
+        for share_first, share_last in zip(bounds[:-1], bounds[1:]):
+            rows = self.stream_rows(epoch, share_first, share_last)
+            rows = rows[rng.permutation(len(rows))][: n_batches * share_width]
+            run = self.multiplicity_window * share_width
+            for start in range(0, len(rows), run) if run > 0 else ():
+                run_rows = rows[start : start + run]
+                rows[start : start + run] = run_rows[np.argsort(self.multiplicity[run_rows], kind="stable")]
+            columns.append(rows.reshape(n_batches, share_width))
+        batches = np.concatenate(columns, axis=1)
+        return batches[rng.permutation(n_batches)] if self.multiplicity_window > 0 else batches
 
     def global_rows(self, step: int) -> np.ndarray:
         """File rows of the global batch of ``step``."""

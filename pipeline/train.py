@@ -208,7 +208,8 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel, rows=val_rows)
     batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel,
                            cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(), jax.process_count(),
-                           cfg.train.padding_aware, cfg.train.multiplicity_window, cfg.train.window_jets)
+                           cfg.train.padding_aware, cfg.train.multiplicity_window, cfg.train.window_jets,
+                           cfg.train.input_shares)
     data_dim = len(val_split.feature_names)
     model = build_vdm(cfg.model, data_dim=data_dim, n_classes=len(val_split.class_names))
     train_cfg = cfg.train

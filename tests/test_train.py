@@ -291,10 +291,11 @@ def test_inference_batches_hold_every_row_once_cut_to_a_bucket_that_fits(process
 
 def test_processes_read_disjoint_windows_that_cover_each_epoch_once_in_bounded_memory(tmp_path):
     """A split of 40 chunks read in windows of ~1/16 of it by 2 processes: each process holds only
-    its rows of one window, the two read disjoint rows that together are the whole epoch (less the
-    incomplete last batch) and each global batch of one process with two devices, every batch holds
-    the file's values of its rows, and a reader started at any step gives the batch an
-    uninterrupted one gave there."""
+    its rows of one window, from its own share of the window's chunks (the two share at most the
+    one chunk where the window is cut in two), the two read disjoint rows that together are the
+    whole epoch (less the incomplete last batch) and each global batch of one process with two
+    devices and two input shares, every batch holds the file's values of its rows, and a reader
+    started at any step gives the batch an uninterrupted one gave there."""
     n_jets, batch_size = 40_000, 64
     folder = synthetic_split(tmp_path, n_jets)
     whole = SetsSplit(folder / "train.h5", folder / "normalisation.json", use_context=False)
@@ -315,9 +316,14 @@ def test_processes_read_disjoint_windows_that_cover_each_epoch_once_in_bounded_m
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     alone = TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, batch_size, seed=3, n_local_devices=2,
-                         window_jets=2_500)  # one process, two devices: the same global batches
+                         window_jets=2_500, input_shares=2)  # one process, two devices, two shares: the same global batches
     for step in range(steps):
         np.testing.assert_array_equal(alone.process_rows(step), np.concatenate([seen[0][step], seen[1][step]]))
+    chunk_length = 1_024
+    for window in range(-(-steps // readers[0].batches_per_window)):
+        steps_of_window = range(window * readers[0].batches_per_window, min((window + 1) * readers[0].batches_per_window, steps))
+        chunks = [{int(row) // chunk_length for step in steps_of_window for row in seen[process][step]} for process in (0, 1)]
+        assert len(chunks[0] & chunks[1]) <= 1 and len(chunks[0]) + len(chunks[1]) <= 2 + 2_500 // chunk_length + 2, chunks
     seen = [np.concatenate(rows) for rows in seen]
     assert steps == n_jets // batch_size and not set(seen[0]) & set(seen[1])
     together = np.concatenate(seen)
@@ -381,7 +387,9 @@ def test_two_processes_train_together_like_one(tmp_path, processed, reference):
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr
-    assert_same_params(final_params(tmp_path)[0], final_params(reference)[0])
+    alone = train(tmp_path / "alone", processed, "train.input_shares=2")  # one process reading the two processes' shares
+    assert alone.returncode == 0, alone.stderr
+    assert_same_params(final_params(tmp_path)[0], final_params(tmp_path / "alone")[0])
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, reference):
