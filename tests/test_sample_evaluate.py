@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_stage
+from conftest import XLA_FLAGS, run_stage
 from jet_files import processed_dataset
 from pipeline.evaluate import load as load_for_evaluation
 from pipeline.input_pipeline import SetsSplit
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 def test_sampling_writes_the_requested_jets_of_every_class_with_train_multiplicities(trained):
     results, processed = trained
     result = run_stage("sample", *stage_args(results, processed, "sample.n_jets=25", "sample.steps=3", "sample.batch_size=15"),
-                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                       env={"XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count=2"})
     assert result.returncode == 0, result.stderr
     samples, train = read_sets(results / "sample" / "samples.h5"), read_sets(processed / "train.h5")
     assert samples["class_names"] == ["g", "q", "t"] and np.bincount(samples["labels"]).tolist() == [25, 25, 25]

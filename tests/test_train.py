@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import FIXTURE_TRACKING_URI, PROJECT_ROOT, compose_config, free_port
+from conftest import FIXTURE_TRACKING_URI, PROJECT_ROOT, XLA_FLAGS, compose_config, free_port
 from jet_files import processed_dataset
 from pipeline.input_pipeline import SetsSplit, TrainBatches, batches_by_multiplicity, bucket_sizes
 from pipeline.config import PARTICLE_FEATURES
@@ -63,7 +63,7 @@ def synthetic_split(folder, n_jets, n_max=30, seed=0):
 def train(results, processed, *overrides, devices=1, env=None, wait=True):
     command = [sys.executable, "-m", "pipeline.train", f"results_dir={results}", f"data.processed_dir={processed}",
                f"train.steps={STEPS}", *TRAIN, *overrides]
-    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    environment = {**os.environ, "XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count={devices}", **(env or {})}
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return process
