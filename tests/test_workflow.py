@@ -344,7 +344,7 @@ def training_process(folder) -> int:
 def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path):
     """The training job is killed outright (SIGKILL: a lost node, the OOM killer); the same command
     again continues training from the last checkpoint, in the same MLflow run."""
-    copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=1500", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
+    copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=600", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
     trained = "results/demo/train/checkpoint.json"  # the stages after training have nothing to show here
     process = subprocess.Popen(["snakemake", "--cores", "2", trained], cwd=tmp_path, env=os.environ,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -363,6 +363,6 @@ def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path)
     log = (tmp_path / "results/demo/logs/train.log").read_text()
     first_logged = int(re.search(r"train: step (\d+)/", log).group(1))
     assert first_logged > saved >= 25  # continued from the checkpoint, not from step 0
-    assert json.loads((tmp_path / trained).read_text())["step"] == 1500
+    assert json.loads((tmp_path / trained).read_text())["step"] == 600
     train_runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.`pipeline.stage` = 'train'")
     assert len(train_runs) == 1 and train_runs["status"].iloc[0] == "FINISHED"  # the same MLflow run, continued
