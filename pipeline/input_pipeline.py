@@ -189,7 +189,7 @@ class TrainBatches:
                 f"train.batch_size={batch_size} does not divide over {n_devices} devices; choose a multiple of {n_devices}."
             )
         self.input_shares = input_shares or process_count
-        if batch_size % self.input_shares:
+        if self.input_shares < 0 or batch_size % self.input_shares:
             raise PipelineError(
                 f"train.batch_size={batch_size} does not divide into train.input_shares={self.input_shares} shares; "
                 "choose a divisor of the batch size (0: one share per process)."

@@ -335,6 +335,13 @@ def test_processes_read_disjoint_windows_that_cover_each_epoch_once_in_bounded_m
     assert not np.array_equal(readers[0].window_batches(0, 0), readers[0].window_batches(1, 0))  # reshuffled each epoch
 
 
+def test_input_shares_that_do_not_divide_the_batch_are_refused(tmp_path):
+    folder = synthetic_split(tmp_path, 2_000)
+    for shares in (3, -2):
+        with pytest.raises(PipelineError, match=rf"train\.batch_size=64 does not divide into train\.input_shares={shares} shares"):
+            TrainBatches(folder / "train.h5", folder / "normalisation.json", False, False, 64, 0, 1, input_shares=shares)
+
+
 def test_a_training_run_holds_a_window_of_the_train_split_not_the_whole(tmp_path):
     """Peak resident memory of a short training run, measured as ``benchmarks/bench_input.py``
     measures it (``VmHWM`` of a fresh process), on a train split of 40k jets and on one of 1M jets
