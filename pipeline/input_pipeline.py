@@ -230,17 +230,19 @@ class TrainBatches:
         n_batches = min(self.batches_per_window, self.batches_per_epoch - first_batch)
         first = first_batch * self.batch_size
         last = len(self.multiplicity) if first_batch + n_batches == self.batches_per_epoch else first + n_batches * self.batch_size
+        stream = self.stream_rows(epoch, first, last)
         share_width = self.batch_size // self.input_shares
-        bounds = first + (last - first) * np.arange(self.input_shares + 1) // self.input_shares
+        bounds = len(stream) * np.arange(self.input_shares + 1) // self.input_shares
         rng = np.random.default_rng([self.seed, epoch, window])
         columns = []
         for share_first, share_last in zip(bounds[:-1], bounds[1:]):
-            rows = self.stream_rows(epoch, share_first, share_last)
+            rows = stream[share_first:share_last]
             rows = rows[rng.permutation(len(rows))][: n_batches * share_width]
-            run = self.multiplicity_window * share_width
-            for start in range(0, len(rows), run) if run > 0 else ():
-                run_rows = rows[start : start + run]
-                rows[start : start + run] = run_rows[np.argsort(self.multiplicity[run_rows], kind="stable")]
+            if self.multiplicity_window > 0:
+                run = self.multiplicity_window * share_width
+                for start in range(0, len(rows), run):
+                    run_rows = rows[start : start + run]
+                    rows[start : start + run] = run_rows[np.argsort(self.multiplicity[run_rows], kind="stable")]
             columns.append(rows.reshape(n_batches, share_width))
         batches = np.concatenate(columns, axis=1)
         return batches[rng.permutation(n_batches)] if self.multiplicity_window > 0 else batches
