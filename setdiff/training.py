@@ -151,17 +151,21 @@ def fit(
     warmup_steps: int = 100,
     ema_decay: float = 0.999,
     on_metrics=None,
+    compiler_options: dict | None = None,
 ) -> TrainState:
     """Train ``model`` on one device for ``steps`` steps; ``make_batch(step)`` returns a batch dict.
 
     ``on_metrics(step, metrics)``, if given, is called with each step's metrics (host values).
+    ``compiler_options`` go to ``jax.jit`` for the training step (XLA options, such as
+    ``{"xla_backend_optimization_level": 1}`` where the process's ``XLA_FLAGS`` turn optimisation off).
     A small loop for toy problems and tests; the pipeline's training stage adds data-parallelism,
     checkpoints and validation on top of the same ``train_step``.
     """
     optimizer = make_optimizer(learning_rate, steps, warmup_steps)
     init_rng, rng = jax.random.split(rng)
     state = create_train_state(model, init_rng, make_batch(0), optimizer)
-    step_fn = jax.jit(lambda s, b, r: train_step(s, b, r, model=model, optimizer=optimizer, ema_decay=ema_decay))
+    step_fn = jax.jit(lambda s, b, r: train_step(s, b, r, model=model, optimizer=optimizer, ema_decay=ema_decay),
+                      compiler_options=compiler_options)
     for step in range(steps):
         state, metrics = step_fn(state, make_batch(step), jax.random.fold_in(rng, step))
         if on_metrics is not None:
