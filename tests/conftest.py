@@ -68,7 +68,11 @@ def isolated_tracking(tmp_path_factory, monkeypatch, empty_tracking_store):
 
 
 def run_stage(module: str, *overrides: str, cwd=PROJECT_ROOT, env=None) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline.<module> overrides...`` as a user would; capture its output."""
+    """Run ``python -m pipeline.<module> overrides...`` as a user would; capture its output. Run from
+    the project root with no ``results_dir`` among the overrides, the stage writes its log and Hydra's
+    record of its config to a fresh temporary folder, not into the project's results/."""
+    if Path(cwd) == PROJECT_ROOT and not any(override.startswith("results_dir=") for override in overrides):
+        overrides = (*overrides, f"results_dir={tempfile.mkdtemp(prefix='jet-setdiff-tests-results-')}")
     return subprocess.run(
         [sys.executable, "-m", f"pipeline.{module}", *overrides],
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
@@ -105,6 +109,18 @@ def copy_workflow(folder, *overrides) -> dict:
     config = {"experiments": {"demo": [*TINY, *tiny_data, *overrides]}}
     (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     return config
+
+
+def snakemake(*args, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
+    """Run ``snakemake args...`` in ``cwd`` as a user would; capture its output."""
+    return subprocess.run(["snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
+
+
+def assert_refused(result, message):
+    """The workflow stopped before any job with one sentence holding ``message``, and exit status 2."""
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith("workflow config (") and message in output, output
 
 
 def free_port() -> int:
