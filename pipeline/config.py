@@ -13,6 +13,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -52,9 +53,11 @@ def _safe_name(key: str, value) -> str:
     """The resolver ``${safe_name:<key>,<value>}`` in the default folders (``results_dir``,
     ``data.raw_dir``, ``data.processed_dir``): Hydra resolves them to make its run folder before any
     stage code runs, so an unsafe name stops the process there, with one sentence and exit status 2,
-    before any folder exists. (An exception would reach the user as a page of OmegaConf traceback.)"""
+    before any folder exists. (An exception would reach the user as a page of OmegaConf traceback.)
+    The sentence starts with the stage's name, as every stage's refusals do (``python -m
+    pipeline.generate`` runs ``pipeline/generate.py``)."""
     if (refusal := unsafe_name(key, value)) is not None:
-        print(f"error: {refusal}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).stem}: error: {refusal}", file=sys.stderr)
         raise SystemExit(2)
     return value
 

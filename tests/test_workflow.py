@@ -83,7 +83,7 @@ def test_a_shell_injection_through_a_name_runs_nothing(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [".snakemake", "Snakefile", "environment.yml", "workflow"]
     for name in ("data.name='x$(touch PWNED)y'", "name='../../outside'"):
         by_hand = run_stage("generate", name, "data.generator.jets_per_shard=2", cwd=tmp_path / "workflow")
-        assert by_hand.returncode == 2 and by_hand.stderr.strip().splitlines()[-1] == f"error: {name} is not a safe " \
+        assert by_hand.returncode == 2 and by_hand.stderr.strip().splitlines()[-1] == f"generate: error: {name} is not a safe " \
             "name: it becomes folder and file names and shell arguments, so use letters, digits, '_' and '-' only, " \
             "starting with a letter or a digit.", by_hand.stderr
     assert not (tmp_path / "workflow" / "data").exists() and not (tmp_path / "outside").exists()
