@@ -3,8 +3,8 @@
 ``python -m pipeline.sample experiment=<name> [overrides]`` loads the EMA parameters of the training
 run in ``results/<experiment>/train/`` (the best checkpoint by val NELBO, or the latest with
 ``sample.checkpoint=latest``), with the model settings that run was trained with, and generates
-``sample.n_jets`` jets of every class with ``setdiff.sample`` (sampler, steps and guidance scale
-from ``sample``). Each generated jet copies the multiplicity (its mask) and, for a model conditioned
+``sample.n_jets`` jets of every class with ``setdiff.sample`` (sampler, steps, spacing of the noise
+levels and guidance scale from ``sample``). Each generated jet copies the multiplicity (its mask) and, for a model conditioned
 on jet features, the context of a template jet: drawn at random from the train split's jets of the
 class (``sample.masks=train``: the class's multiplicity distribution), or the test split's jets of
 the class one for one (``sample.masks=test``, as several papers do).
@@ -104,10 +104,10 @@ def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names
 
 
 @lru_cache
-def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float):
+def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float = 0.0):
     """``setdiff.sample`` mapped over the local devices: ``(params, keys[n], mask[n, b, m], labels[n, b],
     context[n, b, c] | None)``. Cached, so sampling again in one process reuses the compilations."""
-    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale),
+    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale, rho=rho),
                     in_axes=(None, 0, 0, 0, 0))
 
 
@@ -140,7 +140,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
               "one per test jet", flush=True)
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
-    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale)
+    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale, cfg.sample.rho)
     generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
     key = jax.random.PRNGKey(cfg.seed)
     start = time.perf_counter()
@@ -174,7 +174,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     with write_sets(
         output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
         class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
-        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, rho=cfg.sample.rho, guidance_scale=cfg.sample.guidance_scale,
         masks=template.stem, negative_pt_rel_clipped=n_clipped, rescale_pt_rel=cfg.sample.rescale_pt_rel,
         **{name: figures[name] for name in POSTPROCESSING_FIGURES if name in figures},
     ) as writer:

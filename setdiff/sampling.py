@@ -10,7 +10,12 @@
 * ``"heun"``: Heun's second-order method on that same ODE (Karras et al. 2022, arXiv:2206.00364,
   algorithm 1), two network calls per step, so far fewer steps are needed.
 
-All end at ``t = 0`` and return the decoder's mean ``E[x | z_0]``, zero on padded elements.
+All end at ``t = 0`` and return the decoder's mean ``E[x | z_0]``, zero on padded elements. The steps
+are equal in ``t`` by default, which with a linear log-SNR schedule (the package's schedules) are
+equal steps of ``log sigma``. With ``rho > 0`` the noise levels ``sigma = sigma_t / alpha_t`` follow
+EDM's spacing instead (Karras et al. 2022, eq. 5): ``sigma_i^(1/rho)`` equally spaced between the
+schedule's ``sigma(1)`` and ``sigma(0)``: against equal steps of ``log sigma``, shorter ones at high
+noise and longer ones near the data (Karras et al. choose ``rho = 7``).
 Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) mixes conditional and unconditional
 predictions as ``(1 + w) eps(z, c) - w eps(z, none)`` with guidance scale ``w``.
 """
@@ -48,7 +53,26 @@ def _noise_predictor(model: VDM, params, mask, labels, context, guidance_scale: 
     return eps
 
 
-@partial(jax.jit, static_argnames=("model", "steps", "sampler", "guidance_scale"))
+def time_grid(gamma_0, gamma_1, steps: int, rho: float = 0.0):
+    """The ``steps + 1`` times ``1 = t_0 > ... > t_steps = 0`` a sampler visits: equal steps of ``t``
+    for ``rho = 0``, else the times whose noise levels ``sigma = exp(gamma / 2)`` follow EDM's
+    spacing with exponent ``rho`` (Karras et al. 2022, arXiv:2206.00364, eq. 5) between ``gamma_1 =
+    gamma(1)`` and ``gamma_0 = gamma(0)``. Assumes a schedule linear in ``t``, as every schedule of
+    ``setdiff.schedules`` is."""
+    fraction = jnp.arange(steps + 1) / steps
+    if not rho:
+        return 1.0 - fraction
+    root_sigma = lambda gamma: jnp.exp(gamma / (2.0 * rho))  # sigma^(1/rho)  # noqa: E731
+    gammas = 2.0 * rho * jnp.log(root_sigma(gamma_1) + fraction * (root_sigma(gamma_0) - root_sigma(gamma_1)))
+    times = (gammas - gamma_0) / (gamma_1 - gamma_0)
+    return jnp.clip(times, 0.0, 1.0).at[0].set(1.0).at[-1].set(0.0)
+
+
+# The arguments of ``sample`` that shape its program; each distinct value compiles it again.
+STATIC_ARGNAMES = ("model", "steps", "sampler", "guidance_scale", "rho")
+
+
+@partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def sample(
     model: VDM,
     params,
@@ -60,6 +84,7 @@ def sample(
     steps: int = 100,
     sampler: str = "ancestral",
     guidance_scale: float = 0.0,
+    rho: float = 0.0,
 ):
     """Draw sets from ``model`` with the given padding ``mask[batch, n]``.
 
@@ -71,6 +96,7 @@ def sample(
       steps: number of sampler steps ``N`` (Heun makes ``2 N - 1`` network calls).
       sampler: one of ``SAMPLERS``.
       guidance_scale: classifier-free guidance weight ``w`` (0 = plain conditional sampling).
+      rho: 0 for equal steps of ``t``, else EDM's spacing of the noise levels (:func:`time_grid`).
 
     Returns:
       ``[batch, n, d]`` samples in the model's data space.
@@ -82,7 +108,8 @@ def sample(
     gamma = lambda t: model.apply(params, t, method=VDM.gamma)  # noqa: E731
     init_rng, loop_rng = jax.random.split(rng)
     z_1 = jax.random.normal(init_rng, mask.shape + (model.diffused_dim,)) * mask[..., None]
-    time = lambda i: 1.0 - i / steps  # step i goes from time(i) to time(i + 1)  # noqa: E731
+    times = time_grid(gamma(0.0), gamma(1.0), steps, rho)
+    time = lambda i: times[i]  # step i goes from time(i) to time(i + 1)  # noqa: E731
 
     if sampler == "ancestral":
 

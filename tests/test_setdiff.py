@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from setdiff import VDM, ScoreNet, make_schedule, vdm_loss
+from setdiff.sampling import time_grid
 from setdiff.schedules import SCHEDULES
 from setdiff.training import create_train_state, init_params, make_optimizer, train_step
 
@@ -130,6 +131,20 @@ def test_schedules_are_monotone_with_the_requested_endpoints(name):
         assert bool(jnp.all(jnp.diff(gamma) > 0)), f"{name} is not strictly increasing"
     gamma = schedule.apply(variables, t)
     np.testing.assert_allclose([gamma[0], gamma[-1]], [-13.3, 5.0], rtol=1e-5)
+
+
+def test_sampler_time_grids_run_from_noise_to_data_with_the_asked_spacing():
+    gamma_0, gamma_1, steps = -13.3, 5.0, 25
+    np.testing.assert_allclose(time_grid(gamma_0, gamma_1, steps), 1.0 - np.arange(steps + 1) / steps, atol=1e-7)
+    times = np.asarray(time_grid(gamma_0, gamma_1, steps, rho=7.0), np.float64)
+    assert times[0] == 1.0 and times[-1] == 0.0 and np.all(np.diff(times) < 0)
+    # EDM's eq. 5: sigma^(1/rho) falls in equal steps, with sigma = exp(gamma / 2) on a linear schedule
+    root_sigma = np.exp((gamma_0 + (gamma_1 - gamma_0) * times) / (2 * 7.0))
+    np.testing.assert_allclose(np.diff(root_sigma), np.full(steps, (root_sigma[-1] - root_sigma[0]) / steps), rtol=1e-3)
+    # against equal steps of log sigma: shorter steps at high noise, longer ones near the data
+    assert -np.diff(times)[0] < 1 / steps < -np.diff(times)[-1]
+    # a very large rho is equal steps of log sigma again
+    np.testing.assert_allclose(time_grid(gamma_0, gamma_1, steps, rho=1e4), 1.0 - np.arange(steps + 1) / steps, atol=1e-3)
 
 
 def test_a_learned_gamma_0_stays_above_its_floor_so_the_bound_stays_finite(batch):

@@ -6,6 +6,7 @@ import pytest
 
 from setdiff import VDM, ScoreNet, fit, make_schedule, nelbo
 from setdiff import sample as unoptimised_sample
+from setdiff.sampling import STATIC_ARGNAMES
 from setdiff.toy import ring_index, square_ring_sets, square_sets
 
 WIDTH = 32  # as well learned as at 64 (within 2% of points, sampler by sampler); its three fits take 38 s, not 60
@@ -15,7 +16,7 @@ BATCH = 64
 # than they run. These train a thousand steps and sample up to 200: optimised (level 1), a fit
 # compiles 1.4 s longer and runs 2.4x faster.
 OPTIMISED = {"xla_backend_optimization_level": 1}
-sample = jax.jit(unoptimised_sample, static_argnames=("model", "steps", "sampler", "guidance_scale"), compiler_options=OPTIMISED)
+sample = jax.jit(unoptimised_sample, static_argnames=STATIC_ARGNAMES, compiler_options=OPTIMISED)
 
 
 def train(make_batch, n_classes=0, n_inducing=0, latent_dim=0):
@@ -44,14 +45,14 @@ def ring_model():
     return train(lambda step: square_ring_sets(data_rng, BATCH), n_classes=3)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ancestral", 200), ("ddim", 20), ("heun", 10)])
-def test_samples_land_inside_the_square(square_model, sampler, steps):
+@pytest.mark.parametrize("sampler, steps, rho", [("ancestral", 200, 0.0), ("ddim", 20, 0.0), ("heun", 10, 0.0), ("heun", 10, 7.0)])
+def test_samples_land_inside_the_square(square_model, sampler, steps, rho):
     model, params = square_model
     mask = square_sets(np.random.default_rng(1), 256)["mask"]
-    points = np.asarray(sample(model, params, jax.random.key(1), mask, steps=steps, sampler=sampler))
+    points = np.asarray(sample(model, params, jax.random.key(1), mask, steps=steps, sampler=sampler, rho=rho))
     assert np.all(points[~mask] == 0.0)
     inside = np.mean(ring_index(points[mask]) >= 0)
-    assert inside >= 0.90, f"{sampler} with {steps} steps: only {inside:.1%} of points inside the square"
+    assert inside >= 0.90, f"{sampler} with {steps} steps (rho {rho}): only {inside:.1%} of points inside the square"
 
 
 def own_ring_fraction(model, params, sampler, steps, guidance_scale=0.0):
