@@ -104,7 +104,7 @@ def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names
 
 
 @lru_cache
-def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float = 0.0):
+def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float):
     """``setdiff.sample`` mapped over the local devices: ``(params, keys[n], mask[n, b, m], labels[n, b],
     context[n, b, c] | None)``. Cached, so sampling again in one process reuses the compilations."""
     return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale, rho=rho),
