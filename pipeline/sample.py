@@ -117,6 +117,15 @@ def template_path(cfg: DictConfig) -> Path:
     return Path(cfg.data.processed_dir) / f"{split}.h5"
 
 
+def chosen_template_rows(cfg: DictConfig) -> np.ndarray:
+    """The row of the template split (``template_path``) that each generated jet copies, in the order
+    of the samples file: chosen from the labels alone (seeded by ``cfg.seed``), so that only those
+    rows are read later (a train split need not fit in memory)."""
+    labels = read_sets(template_path(cfg), datasets=("labels",))
+    rng = np.random.default_rng(cfg.seed)
+    return template_rows(labels["labels"], labels["class_names"], cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
+
+
 def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     """Sample every class and write ``output_path``; returns the run's figures."""
     processed = Path(cfg.data.processed_dir)
@@ -124,11 +133,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     for path in (template, processed / "normalisation.json"):
         if not path.is_file():
             raise PipelineError(f"{path} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
-    # The rows to copy are chosen from the labels alone; only those rows are read (a train split
-    # need not fit in memory).
-    labels = read_sets(template, datasets=("labels",))
-    rng = np.random.default_rng(cfg.seed)
-    chosen = template_rows(labels["labels"], labels["class_names"], cfg.sample.n_jets, MaskSource(cfg.sample.masks), rng)
+    chosen = chosen_template_rows(cfg)
     distinct, rows = np.unique(chosen, return_inverse=True)  # rows: positions in the distinct rows read
     split = SetsSplit(template, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=distinct)
     if split.feature_names != PARTICLE_FEATURES:
