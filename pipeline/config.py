@@ -216,6 +216,7 @@ class ModelConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     n_inducing: int = 0  # 0: full masked self-attention; >0: ISAB with this many inducing points
+    pair_bias_width: int = 0  # >0: a learned attention bias for every pair of particles, from an MLP this wide
     schedule: Schedule = Schedule.learned_linear
     gamma_min: float = GAMMA_MIN
     gamma_max: float = GAMMA_MAX

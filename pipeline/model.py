@@ -18,6 +18,7 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         mlp_ratio=model.mlp_ratio,
         n_classes=n_classes,
         n_inducing=model.n_inducing,
+        pair_bias_width=model.pair_bias_width,
         conditioning=model.conditioning.value,
         dtype=jnp.bfloat16 if model.bfloat16 else jnp.float32,
     )

@@ -66,7 +66,8 @@ class MultiHeadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, keys_values, mask=None):
+    def __call__(self, queries, keys_values, mask=None, bias=None):
+        """``bias[batch, n_heads, m, n]``, if given, is added to the attention logits."""
         (batch, m, width), n = queries.shape, keys_values.shape[1]
         if width % self.n_heads:
             raise ValueError(f"the width {width} does not divide into n_heads={self.n_heads} heads")
@@ -75,7 +76,9 @@ class MultiHeadAttention(nn.Module):
         key_value = rowwise(nn.Dense(2 * width, dtype=self.dtype, name="key_value"), keys_values)
         key, value = (part.reshape(batch, n, *heads) for part in jnp.split(key_value, 2, axis=-1))
         key_mask = None if mask is None else mask[:, None, None, :]
-        attended = jax.nn.dot_product_attention(query, key, value, mask=key_mask).reshape(batch, m, width)
+        if bias is not None:
+            bias = bias.astype(query.dtype)
+        attended = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=key_mask).reshape(batch, m, width)
         return rowwise(nn.Dense(width, dtype=self.dtype, name="out"), attended)
 
 
@@ -114,7 +117,7 @@ class SetAttentionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h, mask, cond):
+    def __call__(self, h, mask, cond, pair_bias=None):
         width = h.shape[-1]
         adaptive = self.conditioning == "adaln"
         if adaptive:
@@ -132,7 +135,7 @@ class SetAttentionBlock(nn.Module):
             summary = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="induce")(inducing, x, mask)
             attended = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="attend")(x, summary)
         else:
-            attended = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="self_attention")(x, x, mask)
+            attended = MultiHeadAttention(self.n_heads, dtype=self.dtype, name="self_attention")(x, x, mask, pair_bias)
         if not adaptive:
             h = h + attended
             feed_forward = nn.Sequential([nn.LayerNorm(dtype=self.dtype), FeedForward(self.mlp_hidden, dtype=self.dtype)])
@@ -140,6 +143,39 @@ class SetAttentionBlock(nn.Module):
         h = h + gate_1 * attended
         x = modulate(rowwise(nn.LayerNorm(dtype=self.dtype, use_scale=False, use_bias=False), h), shift_2, scale_2)
         return h + gate_2 * rowwise(FeedForward(self.mlp_hidden, dtype=self.dtype), x)
+
+
+class PairwiseAttentionBias(nn.Module):
+    """An attention bias for every pair of elements, every layer and every head, learned from the
+    pair's features: Particle Transformer's interaction matrix (Qu et al. 2022, arXiv:2202.03772,
+    sec. 3.2), with the pair's features learned instead of chosen.
+
+    For elements ``z_i``, ``z_j`` the MLP sees ``z_i - z_j``, ``(z_i - z_j)^2``, ``z_i z_j`` and
+    ``z_i + z_j``, from which a quadratic such as a jet's pairwise invariant mass,
+    ``2 pt_i pt_j (cosh(eta_i - eta_j) - cos(phi_i - phi_j))`` to second order, is one layer away;
+    plain dot-product attention would have to build it from a bilinear form of the projections.
+    The conditioning vector ``cond[batch, c]`` (time, size, class) is added to its hidden layer, so
+    the bias can fade where the noise hides the pairs. The last layer starts at zero: the untrained
+    bias is 0 and the attention is the plain one. Cost: ``n^2`` rows of a ``width``-wide MLP.
+    """
+
+    width: int
+    n_layers: int
+    n_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, cond):
+        """``[n_layers, batch, n_heads, n, n]`` biases for the noisy elements ``z[batch, n, d]``."""
+        batch, n, _ = z.shape
+        z_i, z_j = z[:, :, None, :], z[:, None, :, :]
+        difference = z_i - z_j
+        pair = jnp.concatenate([difference, difference**2, z_i * z_j, z_i + z_j], axis=-1).astype(self.dtype)
+        h = rowwise(nn.Dense(self.width, dtype=self.dtype, name="pair"), pair)
+        h = nn.gelu(h + nn.Dense(self.width, dtype=self.dtype, name="cond")(cond)[:, None, None, :])
+        h = nn.gelu(rowwise(nn.Dense(self.width, dtype=self.dtype, name="hidden"), h))
+        bias = rowwise(nn.Dense(self.n_layers * self.n_heads, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="bias"), h)
+        return bias.reshape(batch, n, n, self.n_layers, self.n_heads).transpose(3, 0, 4, 1, 2)
 
 
 class ElementwiseResidualMLP(nn.Module):
@@ -173,6 +209,8 @@ class ScoreNet(nn.Module):
       n_classes: number of classes for an integer class label; 0 means unconditional. Index
         ``n_classes`` is the learned "no class" embedding used by classifier-free guidance.
       n_inducing: 0 for full self-attention, else the number of ISAB inducing points.
+      pair_bias_width: 0 for plain attention, else the width of the MLP that adds a learned bias
+        for every pair of elements to the attention (``PairwiseAttentionBias``; full attention only).
       conditioning: how the blocks take the conditioning vector, ``"additive"`` or ``"adaln"``
         (see ``SetAttentionBlock``).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -185,6 +223,7 @@ class ScoreNet(nn.Module):
     conditioning: str
     n_classes: int = 0
     n_inducing: int = 0
+    pair_bias_width: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -206,6 +245,8 @@ class ScoreNet(nn.Module):
         """
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {self.conditioning!r}: choose one of {CONDITIONINGS}")
+        if self.pair_bias_width and self.n_inducing:
+            raise ValueError("a pairwise attention bias needs full self-attention: set n_inducing=0 or pair_bias_width=0")
         batch = z.shape[0]
         if cond_keep is None:
             cond_keep = jnp.ones((batch,), bool)
@@ -223,12 +264,17 @@ class ScoreNet(nn.Module):
             cond = cond + cond_keep[:, None] * nn.Dense(self.d_model, name="context_embedding")(context)
         cond = nn.swish(cond).astype(self.dtype)
 
+        pair_biases = [None] * self.n_layers
+        if self.pair_bias_width:
+            pair_biases = PairwiseAttentionBias(
+                self.pair_bias_width, self.n_layers, self.n_heads, dtype=self.dtype, name="pair_bias"
+            )(z, cond)
         h = rowwise(nn.Dense(self.d_model, dtype=self.dtype, name="embed"), z.astype(self.dtype))
         for i in range(self.n_layers):
             h = SetAttentionBlock(
                 n_heads=self.n_heads, mlp_hidden=self.mlp_ratio * self.d_model, conditioning=self.conditioning,
                 n_inducing=self.n_inducing, dtype=self.dtype, name=f"block_{i}",
-            )(h, mask, cond)
+            )(h, mask, cond, pair_biases[i])
         h = rowwise(nn.LayerNorm(dtype=self.dtype), h)
         eps_hat = rowwise(nn.Dense(z.shape[-1], kernel_init=nn.initializers.zeros, name="output"), h)
         return eps_hat.astype(jnp.float32) * mask[..., None]

@@ -1,5 +1,7 @@
 """Properties of the setdiff library: symmetry, padding, schedules, the bound, and learning."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from setdiff.training import create_train_state, init_params, make_optimizer, tr
 N_MAX, DIM = 7, 3
 
 
-def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive"):
-    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing, conditioning=conditioning)
+def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive",
+                pair_bias_width=0):
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing,
+                   conditioning=conditioning, pair_bias_width=pair_bias_width)
     return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -53,12 +57,15 @@ def eps_hat(model, params, batch, x=None, labels=None, context=None):
     )
 
 
-@pytest.mark.parametrize("n_inducing, conditioning", [(0, "additive"), (4, "additive"), (0, "adaln")])
-def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning):
+NETWORKS = [(0, "additive", 0), (4, "additive", 0), (0, "adaln", 0), (0, "adaln", 8)]  # n_inducing, conditioning, pair_bias_width
+
+
+@pytest.mark.parametrize("n_inducing, conditioning, pair_bias_width", NETWORKS)
+def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning, pair_bias_width):
     """Attention averages over elements, so a set and the same set with every element duplicated look
     alike to it; only the size conditioning tells them apart (a jet of 3 particles and one of 6
     carry different momentum fractions)."""
-    model = small_model(n_inducing=n_inducing, conditioning=conditioning)
+    model = small_model(n_inducing=n_inducing, conditioning=conditioning, pair_bias_width=pair_bias_width)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     elements = batch["x"][2:3, :3]  # three elements of one set
     single = jnp.zeros((1, N_MAX, DIM)).at[:, :3].set(elements)
@@ -71,9 +78,9 @@ def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning):
     assert float(jnp.max(jnp.abs(outputs[0] - outputs[1]))) > 1e-3
 
 
-@pytest.mark.parametrize("n_inducing, conditioning", [(0, "additive"), (4, "additive"), (0, "adaln")])
-def test_score_network_is_permutation_equivariant(batch, n_inducing, conditioning):
-    model = small_model(n_inducing=n_inducing, conditioning=conditioning)
+@pytest.mark.parametrize("n_inducing, conditioning, pair_bias_width", NETWORKS)
+def test_score_network_is_permutation_equivariant(batch, n_inducing, conditioning, pair_bias_width):
+    model = small_model(n_inducing=n_inducing, conditioning=conditioning, pair_bias_width=pair_bias_width)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     permutation = np.random.default_rng(1).permutation(N_MAX)
     permuted = {**batch, "x": batch["x"][:, permutation], "mask": batch["mask"][:, permutation]}
@@ -83,10 +90,11 @@ def test_score_network_is_permutation_equivariant(batch, n_inducing, conditionin
     np.testing.assert_allclose(out_of_permuted, out[:, permutation], atol=1e-5)
 
 
-@pytest.mark.parametrize("n_inducing, latent_dim, conditioning",
-                         [(0, 0, "additive"), (4, 0, "additive"), (0, 4, "additive"), (4, 4, "additive"), (0, 0, "adaln")])
-def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim, conditioning):
-    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim, conditioning=conditioning)
+@pytest.mark.parametrize("n_inducing, latent_dim, conditioning, pair_bias_width",
+                         [(0, 0, "additive", 0), (4, 0, "additive", 0), (0, 4, "additive", 0), (4, 4, "additive", 0),
+                          (0, 0, "adaln", 0), (0, 0, "adaln", 8)])
+def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim, conditioning, pair_bias_width):
+    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim, conditioning=conditioning, pair_bias_width=pair_bias_width)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     mask = batch["mask"]
     junk = jax.random.normal(jax.random.key(7), batch["x"].shape) * 100.0
@@ -338,3 +346,17 @@ def test_attention_equals_flax_multi_head_attention_with_the_same_weights():
     got = ours.apply({"params": params}, queries, keys_values, mask)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, ours.apply({"params": params}, queries, keys_values), atol=1e-3)  # the mask mattered
+
+    # A per-pair, per-head bias of the logits (the pairwise attention bias) is flax's ``bias``.
+    bias = jax.random.normal(jax.random.PRNGKey(3), (batch, heads, n, n))
+    biased = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width, out_features=width,
+                                             attention_fn=functools.partial(nn.dot_product_attention, bias=bias))
+    expected = biased.apply({"params": flax_params}, queries, keys_values, mask=nn.make_attention_mask(jnp.ones((batch, n), bool), mask))
+    got_biased = ours.apply({"params": params}, queries, keys_values, mask, bias)
+    np.testing.assert_allclose(got_biased, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got_biased, got, atol=1e-3)
+
+
+def test_a_pairwise_bias_needs_full_attention(batch):
+    with pytest.raises(ValueError, match="pairwise attention bias needs full self-attention"):
+        init_params(small_model(n_inducing=4, pair_bias_width=8), jax.random.key(0), batch)
