@@ -151,9 +151,10 @@ class PairwiseAttentionBias(nn.Module):
     sec. 3.2), with the pair's features learned instead of chosen.
 
     For elements ``z_i``, ``z_j`` the MLP sees ``z_i - z_j``, ``(z_i - z_j)^2``, ``z_i z_j`` and
-    ``z_i + z_j``, from which a quadratic such as a jet's pairwise invariant mass,
-    ``2 pt_i pt_j (cosh(eta_i - eta_j) - cos(phi_i - phi_j))`` to second order, is one layer away;
-    plain dot-product attention would have to build it from a bilinear form of the projections.
+    ``z_i + z_j``: a pair's squared angular distance and its product of momentum fractions are sums
+    of these (in the standardised features, up to shifts and scales), and a pair's invariant mass,
+    ``m_ij^2 ~ pt_i pt_j dR_ij^2`` for small angles, is their product, which the MLP's hidden layers
+    can form; plain dot-product attention sees a pair only through a bilinear form of the projections.
     The conditioning vector ``cond[batch, c]`` (time, size, class) is added to its hidden layer, so
     the bias can fade where the noise hides the pairs. The last layer starts at zero: the untrained
     bias is 0 and the attention is the plain one. Cost: ``n^2`` rows of a ``width``-wide MLP.
