@@ -212,6 +212,9 @@ class ScoreNet(nn.Module):
       n_inducing: 0 for full self-attention, else the number of ISAB inducing points.
       pair_bias_width: 0 for plain attention, else the width of the MLP that adds a learned bias
         for every pair of elements to the attention (``PairwiseAttentionBias``; full attention only).
+      context_mlp: False adds a linear map of the context to the conditioning vector; True feeds
+        the context into the hidden layer of the MLP that embeds time and size, so that the
+        conditioning is a nonlinear function of the context, the time and the size together.
       conditioning: how the blocks take the conditioning vector, ``"additive"`` or ``"adaln"``
         (see ``SetAttentionBlock``).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -225,6 +228,7 @@ class ScoreNet(nn.Module):
     n_classes: int = 0
     n_inducing: int = 0
     pair_bias_width: int = 0
+    context_mlp: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -255,13 +259,15 @@ class ScoreNet(nn.Module):
         cond = nn.Dense(4 * self.d_model)(cond)
         n_elements = jnp.sum(mask, axis=1)  # the set's size, as an integer position
         cond = cond + nn.Dense(4 * self.d_model, name="size_embedding")(sinusoidal_embedding(n_elements, self.d_model))
+        if context is not None and self.context_mlp:
+            cond = cond + cond_keep[:, None] * nn.Dense(4 * self.d_model, name="context_embedding")(context)
         cond = nn.Dense(self.d_model)(nn.swish(cond))
         if labels is not None:
             if not self.n_classes:
                 raise ValueError("labels were given but the score network was built with n_classes=0")
             label_or_null = jnp.where(cond_keep, labels, self.n_classes)
             cond = cond + nn.Embed(self.n_classes + 1, self.d_model, name="class_embedding")(label_or_null)
-        if context is not None:
+        if context is not None and not self.context_mlp:
             cond = cond + cond_keep[:, None] * nn.Dense(self.d_model, name="context_embedding")(context)
         cond = nn.swish(cond).astype(self.dtype)
 

@@ -16,9 +16,9 @@ N_MAX, DIM = 7, 3
 
 
 def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive",
-                pair_bias_width=0):
+                pair_bias_width=0, context_mlp=False):
     net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing,
-                   conditioning=conditioning, pair_bias_width=pair_bias_width)
+                   conditioning=conditioning, pair_bias_width=pair_bias_width, context_mlp=context_mlp)
     return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -57,15 +57,41 @@ def eps_hat(model, params, batch, x=None, labels=None, context=None):
     )
 
 
-NETWORKS = [(0, "additive", 0), (4, "additive", 0), (0, "adaln", 0), (0, "adaln", 8)]  # n_inducing, conditioning, pair_bias_width
+# The score networks the shape tests run on: small_model's arguments, each an option of ScoreNet.
+NETWORKS = [
+    pytest.param({"conditioning": "additive"}, id="additive"),
+    pytest.param({"conditioning": "additive", "n_inducing": 4}, id="additive-isab"),
+    pytest.param({"conditioning": "adaln"}, id="adaln"),
+    pytest.param({"conditioning": "adaln", "pair_bias_width": 8}, id="adaln-pair-bias"),
+    pytest.param({"conditioning": "adaln", "context_mlp": True}, id="adaln-context-mlp"),
+]
 
 
-@pytest.mark.parametrize("n_inducing, conditioning, pair_bias_width", NETWORKS)
-def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning, pair_bias_width):
+@pytest.mark.parametrize("context_mlp", [False, True])
+def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch, context_mlp):
+    """Classifier-free guidance needs an unconditional model: with ``cond_keep`` False the output is
+    the same whatever the class and the context, and with it True both change the output."""
+    model = small_model(conditioning="adaln", context_mlp=context_mlp)
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    z = model.apply(params, batch["x"], method=VDM.encode)
+    t = jnp.linspace(0.1, 0.9, 4)
+    other_labels, other_context = (batch["labels"] + 1) % 3, batch["context"] + 1.5
+
+    def output(labels, context, keep):
+        return model.apply(params, z, t, batch["mask"], labels, context, jnp.full((4,), keep), method=VDM.eps_hat)
+
+    np.testing.assert_allclose(output(other_labels, other_context, False), output(batch["labels"], batch["context"], False), atol=1e-6)
+    kept = output(batch["labels"], batch["context"], True)
+    for labels, context in ((other_labels, batch["context"]), (batch["labels"], other_context)):
+        assert float(jnp.abs(output(labels, context, True) - kept).max()) > 1e-3
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_score_network_sees_the_size_of_a_set(batch, network):
     """Attention averages over elements, so a set and the same set with every element duplicated look
     alike to it; only the size conditioning tells them apart (a jet of 3 particles and one of 6
     carry different momentum fractions)."""
-    model = small_model(n_inducing=n_inducing, conditioning=conditioning, pair_bias_width=pair_bias_width)
+    model = small_model(**network)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     elements = batch["x"][2:3, :3]  # three elements of one set
     single = jnp.zeros((1, N_MAX, DIM)).at[:, :3].set(elements)
@@ -78,9 +104,9 @@ def test_score_network_sees_the_size_of_a_set(batch, n_inducing, conditioning, p
     assert float(jnp.max(jnp.abs(outputs[0] - outputs[1]))) > 1e-3
 
 
-@pytest.mark.parametrize("n_inducing, conditioning, pair_bias_width", NETWORKS)
-def test_score_network_is_permutation_equivariant(batch, n_inducing, conditioning, pair_bias_width):
-    model = small_model(n_inducing=n_inducing, conditioning=conditioning, pair_bias_width=pair_bias_width)
+@pytest.mark.parametrize("network", NETWORKS)
+def test_score_network_is_permutation_equivariant(batch, network):
+    model = small_model(**network)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     permutation = np.random.default_rng(1).permutation(N_MAX)
     permuted = {**batch, "x": batch["x"][:, permutation], "mask": batch["mask"][:, permutation]}
@@ -90,11 +116,13 @@ def test_score_network_is_permutation_equivariant(batch, n_inducing, conditionin
     np.testing.assert_allclose(out_of_permuted, out[:, permutation], atol=1e-5)
 
 
-@pytest.mark.parametrize("n_inducing, latent_dim, conditioning, pair_bias_width",
-                         [(0, 0, "additive", 0), (4, 0, "additive", 0), (0, 4, "additive", 0), (4, 4, "additive", 0),
-                          (0, 0, "adaln", 0), (0, 0, "adaln", 8)])
-def test_padding_never_changes_valid_outputs_or_loss(batch, n_inducing, latent_dim, conditioning, pair_bias_width):
-    model = small_model(n_inducing=n_inducing, latent_dim=latent_dim, conditioning=conditioning, pair_bias_width=pair_bias_width)
+@pytest.mark.parametrize("network", [
+    *NETWORKS,
+    pytest.param({"conditioning": "additive", "latent_dim": 4}, id="additive-latent"),
+    pytest.param({"conditioning": "additive", "latent_dim": 4, "n_inducing": 4}, id="additive-isab-latent"),
+])
+def test_padding_never_changes_valid_outputs_or_loss(batch, network):
+    model = small_model(**network)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     mask = batch["mask"]
     junk = jax.random.normal(jax.random.key(7), batch["x"].shape) * 100.0
