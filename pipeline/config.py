@@ -230,8 +230,8 @@ class ModelConfig:
     log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
     # True: the jet features enter the conditioning MLP's hidden layer beside time and size (nonlinear
-    # in them; the demo's choice, see benchmarks/README.md); False: one linear map of them is added
-    # to the conditioning vector, as in models trained before the option existed
+    # in them; better at full size, worse for the demo's 6 000 steps, see benchmarks/README.md);
+    # False: one linear map of them is added to the conditioning vector
     context_mlp: bool = False
     bfloat16: bool = False  # bfloat16 compute, float32 parameters
 
