@@ -87,6 +87,13 @@ class Conditioning(Enum):
     adaln = "adaln"  # DiT's adaLN-Zero: scale, shift and gate of each block's branches
 
 
+class CondDrop(Enum):
+    """What classifier-free dropout removes, and so what guidance sharpens (``setdiff.networks.COND_DROPS``)."""
+
+    class_and_context = "class_and_context"
+    context = "context"  # the jet features alone: the class is always seen (needs model.use_jet_context)
+
+
 class LossWeighting(Enum):
     """How the diffusion term of the training loss weighs the noise levels (``setdiff.vdm.LOSS_WEIGHTINGS``)."""
 
@@ -222,6 +229,7 @@ class ModelConfig:
     gamma_max: float = GAMMA_MAX
     timesteps: int = 0  # 0: continuous-time bound; T > 0: discrete-time bound with T steps
     cond_drop_prob: float = 0.1  # classifier-free guidance dropout of the class / context
+    cond_drop: CondDrop = CondDrop.class_and_context  # what that dropout (and so guidance) removes
     latent_dim: int = 0  # 0: diffuse the features; >0: latent diffusion with this width
     conditioning: Conditioning = Conditioning.adaln  # fidelity benchmark: better W1P, FPD, KPD, COV (benchmarks/README.md)
     parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)

@@ -56,7 +56,7 @@ from setdiff import create_train_state, learning_rate_schedule, make_optimizer, 
 
 from .background import in_background
 from .checkpoints import Checkpoints, latest_checkpoint_step
-from .config import Config
+from .config import CondDrop, Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .files import PipelineError, atomic_output, write_config
@@ -204,6 +204,9 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
         if not (processed / name).is_file():
             raise PipelineError(f"{processed / name} does not exist; run `python -m pipeline.preprocess data={cfg.data.name}` first.")
     use_context = cfg.model.use_jet_context
+    if CondDrop(cfg.model.cond_drop) is CondDrop.context and not use_context:
+        raise PipelineError("model.cond_drop=context drops the jet features, which a model without them does not see; "
+                            "set model.use_jet_context=true or model.cond_drop=class_and_context.")
     val_rows = np.arange(min(cfg.train.val_jets, count_jets(processed / "val.h5")))  # only the sets scored are read
     val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel, rows=val_rows)
     batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 CONDITIONINGS = ("additive", "adaln")
+COND_DROPS = ("class_and_context", "context")
 
 
 def sinusoidal_embedding(position, dim: int, max_period: float = 10_000.0):
@@ -212,6 +213,10 @@ class ScoreNet(nn.Module):
       n_inducing: 0 for full self-attention, else the number of ISAB inducing points.
       pair_bias_width: 0 for plain attention, else the width of the MLP that adds a learned bias
         for every pair of elements to the attention (``PairwiseAttentionBias``; full attention only).
+      cond_drop: what ``cond_keep=False`` drops (classifier-free guidance): ``"class_and_context"``
+        both, so that guidance sharpens the class and the context together, or ``"context"`` the
+        context alone, so that guidance sharpens only how a set follows its context (the class is
+        always seen).
       context_mlp: False adds a linear map of the context to the conditioning vector; True feeds
         the context into the hidden layer of the MLP that embeds time and size, so that the
         conditioning is a nonlinear function of the context, the time and the size together.
@@ -229,6 +234,7 @@ class ScoreNet(nn.Module):
     n_inducing: int = 0
     pair_bias_width: int = 0
     context_mlp: bool = False
+    cond_drop: str = "class_and_context"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -241,15 +247,17 @@ class ScoreNet(nn.Module):
           mask: ``[batch, n]`` bool, True for real elements.
           labels: optional int ``[batch]`` class indices (requires ``n_classes > 0``).
           context: optional float ``[batch, c]`` continuous conditioning.
-          cond_keep: optional bool ``[batch]``; where False the class and context are dropped
-            (replaced by the "no class" embedding and a zero context embedding), as in
-            classifier-free guidance.
+          cond_keep: optional bool ``[batch]``; where False what ``cond_drop`` names is dropped
+            (the class replaced by the "no class" embedding, the context by a zero context
+            embedding), as in classifier-free guidance.
 
         Returns:
           ``[batch, n, d]`` predicted noise, exactly zero on padded elements.
         """
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {self.conditioning!r}: choose one of {CONDITIONINGS}")
+        if self.cond_drop not in COND_DROPS:
+            raise ValueError(f"unknown cond_drop {self.cond_drop!r}: choose one of {COND_DROPS}")
         if self.pair_bias_width and self.n_inducing:
             raise ValueError("a pairwise attention bias needs full self-attention: set n_inducing=0 or pair_bias_width=0")
         batch = z.shape[0]
@@ -265,7 +273,7 @@ class ScoreNet(nn.Module):
         if labels is not None:
             if not self.n_classes:
                 raise ValueError("labels were given but the score network was built with n_classes=0")
-            label_or_null = jnp.where(cond_keep, labels, self.n_classes)
+            label_or_null = labels if self.cond_drop == "context" else jnp.where(cond_keep, labels, self.n_classes)
             cond = cond + nn.Embed(self.n_classes + 1, self.d_model, name="class_embedding")(label_or_null)
         if context is not None and not self.context_mlp:
             cond = cond + cond_keep[:, None] * nn.Dense(self.d_model, name="context_embedding")(context)

@@ -16,9 +16,10 @@ N_MAX, DIM = 7, 3
 
 
 def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive",
-                pair_bias_width=0, context_mlp=False):
+                pair_bias_width=0, context_mlp=False, cond_drop="class_and_context"):
     net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing,
-                   conditioning=conditioning, pair_bias_width=pair_bias_width, context_mlp=context_mlp)
+                   conditioning=conditioning, pair_bias_width=pair_bias_width, context_mlp=context_mlp,
+                   cond_drop=cond_drop)
     return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -84,6 +85,31 @@ def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch
     kept = output(batch["labels"], batch["context"], True)
     for labels, context in ((other_labels, batch["context"]), (batch["labels"], other_context)):
         assert float(jnp.abs(output(labels, context, True) - kept).max()) > 1e-3
+
+
+@pytest.mark.parametrize("context_mlp", [False, True])
+def test_dropping_only_the_context_keeps_the_class(batch, context_mlp):
+    """With ``cond_drop="context"`` guidance contrasts a jet with and without its features, within its
+    class: ``cond_keep`` False makes the output independent of the context and still of the class."""
+    model = small_model(conditioning="adaln", context_mlp=context_mlp, cond_drop="context")
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    z = model.apply(params, batch["x"], method=VDM.encode)
+    t = jnp.linspace(0.1, 0.9, 4)
+    other_labels, other_context = (batch["labels"] + 1) % 3, batch["context"] + 1.5
+
+    def output(labels, context, keep):
+        return model.apply(params, z, t, batch["mask"], labels, context, jnp.full((4,), keep), method=VDM.eps_hat)
+
+    dropped = output(batch["labels"], batch["context"], False)
+    np.testing.assert_allclose(output(batch["labels"], other_context, False), dropped, atol=1e-6)
+    assert float(jnp.abs(output(other_labels, batch["context"], False) - dropped).max()) > 1e-3
+    kept = output(batch["labels"], batch["context"], True)
+    assert float(jnp.abs(output(batch["labels"], other_context, True) - kept).max()) > 1e-3
+
+
+def test_an_unknown_cond_drop_is_refused(batch):
+    with pytest.raises(ValueError, match="unknown cond_drop"):
+        init_params(small_model(cond_drop="class"), jax.random.key(0), batch)
 
 
 @pytest.mark.parametrize("network", NETWORKS)

@@ -25,6 +25,7 @@ from pipeline.model import build_vdm
 from pipeline.sets import ROWS_PER_CHUNK, write_sets
 from pipeline.checkpoints import latest_checkpoint_step, load_checkpoint
 from pipeline.files import PipelineError
+from pipeline import train as train_stage
 from pipeline.train import RESUMABLE_CHANGES, TrainingPace
 from setdiff import init_params, make_optimizer, vdm_loss
 
@@ -158,6 +159,14 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, proc
     result = train(tmp_path, processed, "train.batch_size=6", devices=4)
     assert result.returncode == 2
     assert "train.batch_size=6" in result.stderr and "4 devices" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dropping_only_the_context_of_a_model_without_one_is_refused(tmp_path, processed):
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.cond_drop=context",
+                         "model.use_jet_context=false")
+    with pytest.raises(PipelineError, match=r"model\.cond_drop=context .* set model\.use_jet_context=true"):
+        train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
+    assert not (tmp_path / "train").exists()
 
 
 @pytest.mark.slow
