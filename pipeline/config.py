@@ -229,7 +229,9 @@ class ModelConfig:
     gamma_max: float = GAMMA_MAX
     timesteps: int = 0  # 0: continuous-time bound; T > 0: discrete-time bound with T steps
     cond_drop_prob: float = 0.1  # classifier-free guidance dropout of the class / context
-    cond_drop: CondDrop = CondDrop.class_and_context  # what that dropout (and so guidance) removes
+    # What that dropout (and so guidance) removes; guidance of either kind made the full-size fidelity
+    # benchmark's jets worse (benchmarks/README.md)
+    cond_drop: CondDrop = CondDrop.class_and_context
     latent_dim: int = 0  # 0: diffuse the features; >0: latent diffusion with this width
     conditioning: Conditioning = Conditioning.adaln  # fidelity benchmark: better W1P, FPD, KPD, COV (benchmarks/README.md)
     parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)
