@@ -90,7 +90,7 @@ def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch
 @pytest.mark.parametrize("context_mlp", [False, True])
 def test_dropping_only_the_context_keeps_the_class(batch, context_mlp):
     """With ``cond_drop="context"`` guidance contrasts a jet with and without its features, within its
-    class: ``cond_keep`` False makes the output independent of the context and still of the class."""
+    class: with ``cond_keep`` False the output no longer depends on the context and still depends on the class."""
     model = small_model(conditioning="adaln", context_mlp=context_mlp, cond_drop="context")
     params = perturbed(init_params(model, jax.random.key(0), batch))
     z = model.apply(params, batch["x"], method=VDM.encode)
