@@ -68,19 +68,25 @@ NETWORKS = [
 ]
 
 
-@pytest.mark.parametrize("context_mlp", [False, True])
-def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch, context_mlp):
-    """Classifier-free guidance needs an unconditional model: with ``cond_keep`` False the output is
-    the same whatever the class and the context, and with it True both change the output."""
-    model = small_model(conditioning="adaln", context_mlp=context_mlp)
+def conditioned_output(batch, **network):
+    """The noise prediction of a perturbed adaLN network as a function of (labels, context, keep),
+    and a different class and context for every set of ``batch``."""
+    model = small_model(conditioning="adaln", **network)
     params = perturbed(init_params(model, jax.random.key(0), batch))
     z = model.apply(params, batch["x"], method=VDM.encode)
     t = jnp.linspace(0.1, 0.9, 4)
-    other_labels, other_context = (batch["labels"] + 1) % 3, batch["context"] + 1.5
 
     def output(labels, context, keep):
         return model.apply(params, z, t, batch["mask"], labels, context, jnp.full((4,), keep), method=VDM.eps_hat)
 
+    return output, (batch["labels"] + 1) % 3, batch["context"] + 1.5
+
+
+@pytest.mark.parametrize("context_mlp", [False, True])
+def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch, context_mlp):
+    """Classifier-free guidance needs an unconditional model: with ``cond_keep`` False the output is
+    the same whatever the class and the context, and with it True both change the output."""
+    output, other_labels, other_context = conditioned_output(batch, context_mlp=context_mlp)
     np.testing.assert_allclose(output(other_labels, other_context, False), output(batch["labels"], batch["context"], False), atol=1e-6)
     kept = output(batch["labels"], batch["context"], True)
     for labels, context in ((other_labels, batch["context"]), (batch["labels"], other_context)):
@@ -91,15 +97,7 @@ def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch
 def test_dropping_only_the_context_keeps_the_class(batch, context_mlp):
     """With ``cond_drop="context"`` guidance contrasts a jet with and without its features, within its
     class: with ``cond_keep`` False the output no longer depends on the context and still depends on the class."""
-    model = small_model(conditioning="adaln", context_mlp=context_mlp, cond_drop="context")
-    params = perturbed(init_params(model, jax.random.key(0), batch))
-    z = model.apply(params, batch["x"], method=VDM.encode)
-    t = jnp.linspace(0.1, 0.9, 4)
-    other_labels, other_context = (batch["labels"] + 1) % 3, batch["context"] + 1.5
-
-    def output(labels, context, keep):
-        return model.apply(params, z, t, batch["mask"], labels, context, jnp.full((4,), keep), method=VDM.eps_hat)
-
+    output, other_labels, other_context = conditioned_output(batch, context_mlp=context_mlp, cond_drop="context")
     dropped = output(batch["labels"], batch["context"], False)
     np.testing.assert_allclose(output(batch["labels"], other_context, False), dropped, atol=1e-6)
     assert float(jnp.abs(output(other_labels, batch["context"], False) - dropped).max()) > 1e-3
