@@ -87,7 +87,7 @@ class SetsSplit:
     """
 
     def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool = False,
-                 rows: np.ndarray | None = None):
+                 rows: np.ndarray | None = None, context_pt_rel_sum: bool = False):
         sets = read_sets(path, rows=rows)  # only ``rows`` (increasing) of the file, if given
         normalisation = json.loads(Path(normalisation_path).read_text())
         self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
@@ -132,6 +132,21 @@ class SetsSplit:
             jet_mean = np.array([normalisation["jets"][name]["mean"] for name in jet_names], np.float32)
             jet_std = np.array([normalisation["jets"][name]["std"] for name in jet_names], np.float32)
             self.context = ((sets["jets"] - jet_mean) / np.where(jet_std > 0, jet_std, 1.0)).astype(np.float32)
+            if context_pt_rel_sum:
+                self.context = np.concatenate([self.context, self._standardised_pt_rel_sum(normalisation, normalisation_path)], axis=1)
+                self.jet_feature_names.append("pt_rel_sum")
+        elif context_pt_rel_sum:
+            raise PipelineError("model.context_pt_rel_sum adds the jets' momentum-fraction sums to their features, "
+                                "which a model without model.use_jet_context does not see; set model.use_jet_context=true.")
+
+    def _standardised_pt_rel_sum(self, normalisation: dict, normalisation_path: Path) -> np.ndarray:
+        """Each jet's sum of pt_rel over its kept particles as a context column, standardised with the
+        train split's statistics: how much of the jet's pT the particles past ``n_max`` took away."""
+        if "kept_particles" not in normalisation:
+            raise PipelineError(f"{normalisation_path} has no statistics of the jets' momentum-fraction sums, which "
+                                "model.context_pt_rel_sum needs; preprocess the dataset again.")
+        statistics = normalisation["kept_particles"]["pt_rel_sum"]
+        return ((self.pt_rel_sum - statistics["mean"]) / max(statistics["std"], 1e-12)).astype(np.float32)[:, None]
 
     def to_physical(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The particle features of the model's ``x[jets, n, d]`` (the inverse of the normalisation),
@@ -182,7 +197,8 @@ class TrainBatches:
 
     def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool, batch_size: int, seed: int,
                  n_local_devices: int, process_index: int = 0, process_count: int = 1, padding_aware: bool = True,
-                 multiplicity_window: int = 0, window_jets: int = 262_144, input_shares: int = 0):
+                 multiplicity_window: int = 0, window_jets: int = 262_144, input_shares: int = 0,
+                 context_pt_rel_sum: bool = False):
         n_devices = n_local_devices * process_count
         if batch_size % n_devices:
             raise PipelineError(
@@ -195,6 +211,7 @@ class TrainBatches:
                 "choose a divisor of the batch size (0: one share per process)."
             )
         self.path, self.normalisation_path, self.use_context, self.log_pt_rel = path, normalisation_path, use_context, log_pt_rel
+        self.context_pt_rel_sum = context_pt_rel_sum
         with open_sets(path) as file:
             mask = file["mask"]
             n_jets, self.n_max = mask.shape
@@ -270,7 +287,8 @@ class TrainBatches:
         rows = np.unique(self._own(self._window_batches))
         if self._window_split is None or not np.array_equal(rows, self._window_rows):  # else a split in one window: read once
             self._window_key, self._window_split = None, None  # the old window's memory goes before the new one is read
-            self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel, rows=rows)
+            self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel, rows=rows,
+                                           context_pt_rel_sum=self.context_pt_rel_sum)
             self._window_rows = rows
         self._window_key = (epoch, window)
 

@@ -47,6 +47,7 @@ and ``n``): it bounds ``-ln p(s | w, c)``, the same terms without ``-ln p(n | c)
 the given features, whose density nothing models). Its anomaly score is then conditional on the
 jet's mass and pT: it ranks jets by how unusual their particles are for jets of that mass, and
 does not see an unusual mass itself (``nelbo.h5``'s ``given`` attribute says which case it is).
+With ``model.context_pt_rel_sum`` the jet's sum of pt_rel over its kept particles is given too.
 
 Scores per jet, in ``nelbo.h5``:
 
@@ -144,7 +145,8 @@ def nelbo_per_class(cfg: DictConfig, path: Path, normalisation_path: Path, n_fea
     with tqdm(total=n_batches, desc="likelihood", unit="batch", disable=not (progress and sys.stderr.isatty())) as bar:
         for first in block_starts:
             rows = np.arange(first, min(first + SCORED_BLOCK_JETS, n_jets))
-            split = SetsSplit(path, normalisation_path, cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=rows)
+            split = SetsSplit(path, normalisation_path, cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=rows,
+                              context_pt_rel_sum=cfg.model.context_pt_rel_sum)
             scores = np.empty((len(split), n_classes))
             for positions, batch, _ in batches_by_multiplicity(split, np.arange(len(split)), batch_size):
                 batch_key = jax.random.fold_in(key, batch_index)
@@ -218,6 +220,8 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
         labels.append(split.labels)
     per_class, nll_per_class, labels = (np.concatenate(blocks) for blocks in (nelbo_blocks, nll_blocks, labels))
     given = ["class", *scored["jet_feature_names"]] if cfg.model.use_jet_context else ["class"]
+    if cfg.model.context_pt_rel_sum:
+        given.append("pt_rel_sum")
     with np.errstate(divide="ignore"):
         log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
     anomaly_score = -logsumexp(log_class_fraction - nll_per_class, axis=1)

@@ -203,9 +203,10 @@ class RunningMoments:
 
 def train_moments(data: DictConfig) -> dict[str, RunningMoments]:
     """The statistics ``normalisation.json`` holds, to accumulate over the train split: of the particle
-    features, of ``log(pt_rel)`` (for ``model.log_pt_rel``) and of the jet features."""
+    features, of ``log(pt_rel)`` (for ``model.log_pt_rel``), of the jet features and of each jet's sum
+    of ``pt_rel`` over its kept particles (for ``model.context_pt_rel_sum``)."""
     return {"particles": RunningMoments(list(data.feature_names)), "log_particles": RunningMoments(["pt_rel"]),
-            "jets": RunningMoments(list(data.jet_feature_names))}
+            "jets": RunningMoments(list(data.jet_feature_names)), "kept_particles": RunningMoments(["pt_rel_sum"])}
 
 
 def check_config(data: DictConfig) -> None:
@@ -287,6 +288,7 @@ def preprocess_files(cfg: DictConfig, reader, paths: list[Path], outputs: dict[s
                     positive = split_arrays["mask"] & (pt_rel > 0)
                     moments["log_particles"].add(np.log(np.where(positive, pt_rel, 1.0))[..., None], int(positive.sum()))
                     moments["jets"].add(split_arrays["jets"], len(rows))
+                    moments["kept_particles"].add(pt_rel.sum(axis=1, where=split_arrays["mask"], dtype=np.float64)[:, None], len(rows))
             bar.update(n_read)
         if counts["jets_train"] == 0:
             raise PipelineError(f"no usable jets in {', '.join(source['file'] for source in sources)} of {data.raw_dir} for classes "
@@ -297,7 +299,7 @@ def preprocess_files(cfg: DictConfig, reader, paths: list[Path], outputs: dict[s
 
 
 def write_normalisation(path: Path, moments: dict[str, RunningMoments]) -> None:
-    normalisation = {name: moments[name].summary() for name in ("particles", "log_particles", "jets")}
+    normalisation = {name: moments[name].summary() for name in ("particles", "log_particles", "jets", "kept_particles")}
     normalisation.update(n_train_particles=moments["particles"].count, n_train_jets=moments["jets"].count)
     with atomic_output(path) as file:
         json.dump(normalisation, file, indent=2)

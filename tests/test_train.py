@@ -456,6 +456,39 @@ def test_log_pt_rel_reads_the_logarithm_standardised_and_maps_back_with_its_jaco
     assert np.all(plain.log_jacobian() != split.log_jacobian())
 
 
+def test_the_kept_momentum_sum_is_one_more_standardised_context_column(processed):
+    """model.context_pt_rel_sum: each jet's sum of pt_rel over its kept particles, standardised with the
+    train split's statistics (written by preprocess), follows the jet features in the context."""
+    from pipeline.sets import read_sets
+
+    sets = read_sets(processed / "train.h5")
+    sums = np.where(sets["mask"], sets["particles"][..., PARTICLE_FEATURES.index("pt_rel")], 0.0).sum(axis=1, dtype=np.float64)
+    statistics = json.loads((processed / "normalisation.json").read_text())["kept_particles"]["pt_rel_sum"]
+    assert statistics["mean"] == pytest.approx(sums.mean(), rel=1e-9)
+    assert statistics["std"] == pytest.approx(sums.std(), rel=1e-6) and statistics["std"] > 0
+    plain = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True)
+    with_sum = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True, context_pt_rel_sum=True)
+    assert with_sum.jet_feature_names == [*plain.jet_feature_names, "pt_rel_sum"]
+    np.testing.assert_array_equal(with_sum.context[:, :-1], plain.context)
+    np.testing.assert_allclose(with_sum.context[:, -1], (sums - sums.mean()) / sums.std(), rtol=1e-5, atol=1e-5)
+    rows = np.array([2, 9, len(plain) - 1])
+    part = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True, rows=rows, context_pt_rel_sum=True)
+    np.testing.assert_array_equal(part.context, with_sum.context[rows])
+
+
+def test_the_kept_momentum_sum_needs_the_jet_context_and_its_statistics(processed, tmp_path):
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.context_pt_rel_sum=true",
+                         "model.use_jet_context=false")
+    with pytest.raises(PipelineError, match=r"model\.context_pt_rel_sum .* set model\.use_jet_context=true"):
+        train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
+    assert not (tmp_path / "train").exists()
+    normalisation = json.loads((processed / "normalisation.json").read_text())
+    del normalisation["kept_particles"]
+    (tmp_path / "normalisation.json").write_text(json.dumps(normalisation))
+    with pytest.raises(PipelineError, match="no statistics of the jets' momentum-fraction sums.*preprocess the dataset again"):
+        SetsSplit(processed / "train.h5", tmp_path / "normalisation.json", use_context=True, context_pt_rel_sum=True)
+
+
 def test_log_pt_rel_refuses_statistics_that_predate_it(processed, tmp_path):
     normalisation = json.loads((processed / "normalisation.json").read_text())
     del normalisation["log_particles"]
