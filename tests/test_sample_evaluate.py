@@ -227,6 +227,21 @@ def test_a_generated_file_cannot_feed_a_context_conditioned_model(trained, tmp_p
         SetsSplit(tmp_path / "generated.h5", processed / "normalisation.json", use_context=True)
 
 
+@pytest.mark.parametrize("setting", ["model.context_pt_rel_sum=true", "model.log_pt_rel=true"])
+def test_a_model_is_not_loaded_with_other_settings_of_how_its_data_is_read(trained, setting):
+    """What the network is given (its context's columns, its pt_rel coordinate) is decided before it
+    is built: a run asking for other choices than the training's is refused, naming the right one."""
+    from conftest import compose_config
+    from pipeline.checkpoints import trained_model
+
+    results, processed = trained
+    cfg = compose_config(*stage_args(results, processed, setting))
+    key = setting.split("=")[0]
+    with pytest.raises(PipelineError, match=rf"trained with {key}=False, not True; run with {key}=False"):
+        trained_model(cfg, data_dim=3, n_classes=3)
+    assert trained_model(compose_config(*stage_args(results, processed)), data_dim=3, n_classes=3)[1]
+
+
 def test_a_model_conditioned_on_jet_features_samples_with_each_test_jets_context(tmp_path, trained):
     """``model.use_jet_context=true`` (the demo's choice) end to end: the network has a context
     embedding, and sampling with ``sample.masks=test`` takes each test jet's multiplicity and context once."""
