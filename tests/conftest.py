@@ -1,3 +1,4 @@
+import atexit
 import collections
 import contextlib
 import html
@@ -33,7 +34,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Module-scoped fixtures run stages before any test's own store exists (isolated_tracking): they log
 # to a store of this test process, never to the project's mlflow.db or a team's server.
-FIXTURE_TRACKING_URI = f"sqlite:///{tempfile.mkdtemp(prefix='jet-setdiff-tests-')}/mlflow.db"
+_FIXTURE_STORE_DIR = tempfile.mkdtemp(prefix="jet-setdiff-tests-")
+atexit.register(shutil.rmtree, _FIXTURE_STORE_DIR, ignore_errors=True)  # each test process removes its own
+FIXTURE_TRACKING_URI = f"sqlite:///{_FIXTURE_STORE_DIR}/mlflow.db"
 os.environ["MLFLOW_TRACKING_URI"] = FIXTURE_TRACKING_URI
 
 
@@ -70,13 +73,14 @@ def isolated_tracking(tmp_path_factory, monkeypatch, empty_tracking_store):
 def run_stage(module: str, *overrides: str, cwd=PROJECT_ROOT, env=None) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline.<module> overrides...`` as a user would; capture its output. Run from
     the project root with no ``results_dir`` among the overrides, the stage writes its log and Hydra's
-    record of its config to a fresh temporary folder, not into the project's results/."""
-    if Path(cwd) == PROJECT_ROOT and not any(override.startswith("results_dir=") for override in overrides):
-        overrides = (*overrides, f"results_dir={tempfile.mkdtemp(prefix='jet-setdiff-tests-results-')}")
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{module}", *overrides],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
-    )
+    record of its config to a fresh temporary folder, not into the project's results/, and removed after."""
+    with contextlib.ExitStack() as stack:
+        if Path(cwd) == PROJECT_ROOT and not any(override.startswith("results_dir=") for override in overrides):
+            overrides = (*overrides, f"results_dir={stack.enter_context(tempfile.TemporaryDirectory(prefix='jet-setdiff-tests-results-'))}")
+        return subprocess.run(
+            [sys.executable, "-m", f"pipeline.{module}", *overrides],
+            cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+        )
 
 
 # A model and run small enough that a stage finishes in seconds on a CPU.
