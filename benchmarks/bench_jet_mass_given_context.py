@@ -12,7 +12,8 @@ the template's over all its constituents (the context). A model that has learnt 
 features) gives generated masses that scatter about the context as the template's own masses do,
 with the same mean, spread and shape; the W1 of the generated masses against the templates' own
 is then at the level of the truth floor. The histogram rows show where the two differ; the last
-table, how the shortfall m − m_context depends on the context, bin by bin of m_context.
+table, how the shortfall m − m_context depends on the context, bin by bin of m_context: its mean,
+spread and skewness, and its correlation with the template's sum of pt_rel over its kept particles.
 Prints tables; figures go in benchmarks/README.md.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from omegaconf import OmegaConf
-from scipy.stats import wasserstein_distance
+from scipy.stats import skew, wasserstein_distance
 
 from pipeline.jets import jet_from_relative_particles
 from pipeline.sample import chosen_template_rows, template_path
@@ -54,6 +55,7 @@ def main() -> None:
     features = template["feature_names"]
     own = jet_from_relative_particles(*(template["particles"][..., features.index(name)]
                                         for name in ("eta_rel", "phi_rel", "pt_rel")), template["mask"])["mass"][positions]
+    pt_rel_sum = template["particles"][..., features.index("pt_rel")].sum(axis=1, where=template["mask"])[positions]
     jet_features = template["jet_feature_names"]
     context = (template["jets"][:, jet_features.index("mass")] / template["jets"][:, jet_features.index("pt")])[positions]
     made = generated["jets"][:, generated["jet_feature_names"].index("mass_rel")]
@@ -80,10 +82,13 @@ def main() -> None:
             cells.append(f"{made_counts[index]}, {own_counts[index]}, {ratio}")
         print(f"| {low:.2f}-{edges[index + 1]:.2f} | " + " | ".join(cells) + " |")
 
-    # Where the shortfall m - m_context goes wrong: its mean and spread for jets of similar context.
+    # Where the shortfall m - m_context goes wrong, for jets of similar context: its mean, spread and
+    # skewness, and how it follows the share of the jet's pT its kept particles carry (the template's
+    # sum of pt_rel; below 1 where particles past n_max were dropped).
     print()
-    print("| class | m_context/pT | jets | m − m_context, template's own: mean, sd | generated: mean, sd | difference of the means |")
-    print("|---|---|---|---|---|---|")
+    print("| class | m_context/pT | jets | m − m_context, template's own: mean, sd | generated: mean, sd | difference of the means "
+          "| skewness: own, generated | correlation with the template's Σpt_rel: own, generated |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, name in enumerate(generated["class_names"]):
         for index, low in enumerate(edges[:-1]):
             of_bin = (generated["labels"] == label) & (context >= low) & (context < edges[index + 1])
@@ -91,7 +96,9 @@ def main() -> None:
                 continue
             real_offset, made_offset = own[of_bin] - context[of_bin], made[of_bin] - context[of_bin]
             print(f"| {name} | {low:.2f}-{edges[index + 1]:.2f} | {of_bin.sum()} | {real_offset.mean():.4f}, {real_offset.std():.4f} "
-                  f"| {made_offset.mean():.4f}, {made_offset.std():.4f} | {made_offset.mean() - real_offset.mean():+.4f} |")
+                  f"| {made_offset.mean():.4f}, {made_offset.std():.4f} | {made_offset.mean() - real_offset.mean():+.4f} "
+                  f"| {skew(real_offset):.2f}, {skew(made_offset):.2f} "
+                  f"| {np.corrcoef(real_offset, pt_rel_sum[of_bin])[0, 1]:.3f}, {np.corrcoef(made_offset, pt_rel_sum[of_bin])[0, 1]:.3f} |")
 
 
 if __name__ == "__main__":
