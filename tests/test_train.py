@@ -161,10 +161,11 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, proc
     assert "train.batch_size=6" in result.stderr and "4 devices" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_dropping_only_the_context_of_a_model_without_one_is_refused(tmp_path, processed):
-    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.cond_drop=context",
-                         "model.use_jet_context=false")
-    with pytest.raises(PipelineError, match=r"model\.cond_drop=context .* set model\.use_jet_context=true"):
+@pytest.mark.parametrize("option", ["model.cond_drop=context", "model.context_pt_rel_sum=true"])
+def test_an_option_of_the_jet_context_without_the_context_is_refused(tmp_path, processed, option):
+    """Dropping only the jet features, or adding the kept momentum sum to them, needs them."""
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", option, "model.use_jet_context=false")
+    with pytest.raises(PipelineError, match=rf"{re.escape(option.split('=')[0])}.* set model\.use_jet_context=true"):
         train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
     assert not (tmp_path / "train").exists()
 
@@ -476,22 +477,13 @@ def test_the_kept_momentum_sum_is_one_more_standardised_context_column(processed
     np.testing.assert_array_equal(part.context, with_sum.context[rows])
 
 
-def test_the_kept_momentum_sum_needs_the_jet_context_and_its_statistics(processed, tmp_path):
-    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.context_pt_rel_sum=true",
-                         "model.use_jet_context=false")
-    with pytest.raises(PipelineError, match=r"model\.context_pt_rel_sum .* set model\.use_jet_context=true"):
-        train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
-    assert not (tmp_path / "train").exists()
+@pytest.mark.parametrize("option, statistics, message", [
+    ({"log_pt_rel": True}, "log_particles", r"no statistics of log\(pt_rel\)"),
+    ({"context_pt_rel_sum": True}, "kept_particles", "no statistics of the jets' momentum-fraction sums"),
+])
+def test_an_option_refuses_statistics_that_predate_it(processed, tmp_path, option, statistics, message):
     normalisation = json.loads((processed / "normalisation.json").read_text())
-    del normalisation["kept_particles"]
+    del normalisation[statistics]
     (tmp_path / "normalisation.json").write_text(json.dumps(normalisation))
-    with pytest.raises(PipelineError, match="no statistics of the jets' momentum-fraction sums.*preprocess the dataset again"):
-        SetsSplit(processed / "train.h5", tmp_path / "normalisation.json", use_context=True, context_pt_rel_sum=True)
-
-
-def test_log_pt_rel_refuses_statistics_that_predate_it(processed, tmp_path):
-    normalisation = json.loads((processed / "normalisation.json").read_text())
-    del normalisation["log_particles"]
-    (tmp_path / "normalisation.json").write_text(json.dumps(normalisation))
-    with pytest.raises(Exception, match="no statistics of log\\(pt_rel\\).*preprocess the dataset again"):
-        SetsSplit(processed / "train.h5", tmp_path / "normalisation.json", use_context=False, log_pt_rel=True)
+    with pytest.raises(PipelineError, match=f"{message}.*preprocess the dataset again"):
+        SetsSplit(processed / "train.h5", tmp_path / "normalisation.json", use_context=True, **option)
