@@ -146,7 +146,8 @@ class SetsSplit:
             raise PipelineError(f"{normalisation_path} has no statistics of the jets' momentum-fraction sums, which "
                                 "model.context_pt_rel_sum needs; preprocess the dataset again.")
         statistics = normalisation["kept_particles"]["pt_rel_sum"]
-        return ((self.pt_rel_sum - statistics["mean"]) / max(statistics["std"], 1e-12)).astype(np.float32)[:, None]
+        std = statistics["std"] if statistics["std"] > 0 else 1.0  # as the jet features: a constant sum stays at 0
+        return ((self.pt_rel_sum - statistics["mean"]) / std).astype(np.float32)[:, None]
 
     def to_physical(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The particle features of the model's ``x[jets, n, d]`` (the inverse of the normalisation),
