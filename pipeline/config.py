@@ -235,7 +235,8 @@ class ModelConfig:
     latent_dim: int = 0  # 0: diffuse the features; >0: latent diffusion with this width
     conditioning: Conditioning = Conditioning.adaln  # fidelity benchmark: better W1P, FPD, KPD, COV (benchmarks/README.md)
     parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)
-    loss_weighting: LossWeighting = LossWeighting.elbo  # the ELBO is logged and validated either way
+    # The ELBO is logged and validated either way; sigmoid made far worse jets at full size (benchmarks/README.md)
+    loss_weighting: LossWeighting = LossWeighting.elbo
     sigmoid_bias: float = 0.0  # b of the sigmoid weighting
     log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
