@@ -8,14 +8,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import XLA_FLAGS, run_stage
+from conftest import XLA_FLAGS, compose_config, run_stage
 from jet_files import processed_dataset
 from pipeline.evaluate import load as load_for_evaluation
 from pipeline.input_pipeline import SetsSplit
 from pipeline.config import PARTICLE_FEATURES
 from pipeline.sample import SAMPLE_JET_FEATURES
 from pipeline.sets import read_sets, write_sets
-from pipeline.checkpoints import load_checkpoint
+from pipeline.checkpoints import load_checkpoint, trained_model
 from pipeline.files import PipelineError
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
@@ -231,9 +231,6 @@ def test_a_generated_file_cannot_feed_a_context_conditioned_model(trained, tmp_p
 def test_a_model_is_not_loaded_with_other_settings_of_how_its_data_is_read(trained, setting):
     """What the network is given (its context's columns, its pt_rel coordinate) is decided before it
     is built: a run asking for other choices than the training's is refused, naming the right one."""
-    from conftest import compose_config
-    from pipeline.checkpoints import trained_model
-
     results, processed = trained
     cfg = compose_config(*stage_args(results, processed, setting))
     key = setting.split("=")[0]
