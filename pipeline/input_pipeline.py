@@ -76,6 +76,14 @@ def batches_by_multiplicity(split: SetsSplit, rows: np.ndarray, batch_size: int)
         yield positions, split.rows(filled, n_used), n_used
 
 
+def _standardised_jet_columns(values: np.ndarray, statistics: list[dict]) -> np.ndarray:
+    """``(values - mean) / std`` per column of jet-level ``values[jets, k]``, with the train split's
+    ``{"mean", "std"}`` of each column; a column of zero spread (a constant) is only centred, to 0."""
+    mean = np.array([entry["mean"] for entry in statistics], np.float32)
+    std = np.array([entry["std"] for entry in statistics], np.float32)
+    return ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
 class SetsSplit:
     """Rows of one split of a processed dataset (all, or the ``rows`` asked for), normalised for the model, in host memory.
 
@@ -129,9 +137,7 @@ class SetsSplit:
                     f"{path} holds jet features {jet_names}, but the model is conditioned on {list(normalisation['jets'])}; "
                     "score a processed split (generated files hold relative jet features) or a model without model.use_jet_context."
                 )
-            jet_mean = np.array([normalisation["jets"][name]["mean"] for name in jet_names], np.float32)
-            jet_std = np.array([normalisation["jets"][name]["std"] for name in jet_names], np.float32)
-            self.context = ((sets["jets"] - jet_mean) / np.where(jet_std > 0, jet_std, 1.0)).astype(np.float32)
+            self.context = _standardised_jet_columns(sets["jets"], [normalisation["jets"][name] for name in jet_names])
             if context_pt_rel_sum:
                 self.context = np.concatenate([self.context, self._standardised_pt_rel_sum(normalisation, normalisation_path)], axis=1)
                 self.jet_feature_names.append("pt_rel_sum")
@@ -145,9 +151,7 @@ class SetsSplit:
         if "kept_particles" not in normalisation:
             raise PipelineError(f"{normalisation_path} has no statistics of the jets' momentum-fraction sums, which "
                                 "model.context_pt_rel_sum needs; preprocess the dataset again.")
-        statistics = normalisation["kept_particles"]["pt_rel_sum"]
-        std = statistics["std"] if statistics["std"] > 0 else 1.0  # as the jet features: a constant sum stays at 0
-        return ((self.pt_rel_sum - statistics["mean"]) / std).astype(np.float32)[:, None]
+        return _standardised_jet_columns(self.pt_rel_sum[:, None], [normalisation["kept_particles"]["pt_rel_sum"]])
 
     def to_physical(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The particle features of the model's ``x[jets, n, d]`` (the inverse of the normalisation),
