@@ -99,6 +99,7 @@ class LossWeighting(Enum):
 
     elbo = "elbo"  # the negative ELBO itself
     sigmoid = "sigmoid"  # sigmoid(b - log SNR), Kingma & Gao 2023
+    elbo_plus_sigmoid = "elbo_plus_sigmoid"  # 1 + sigmoid(b - log SNR): the ELBO, noisy times weighing up to twice
 
 
 class Sampler(Enum):
@@ -237,7 +238,7 @@ class ModelConfig:
     parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)
     # The ELBO is logged and validated either way; sigmoid made far worse jets at full size (benchmarks/README.md)
     loss_weighting: LossWeighting = LossWeighting.elbo
-    sigmoid_bias: float = 0.0  # b of the sigmoid weighting
+    sigmoid_bias: float = 0.0  # b of the sigmoid weightings
     log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
     # True: the jet features enter the conditioning MLP's hidden layer beside time and size (nonlinear

@@ -33,6 +33,10 @@ Two choices change what the network is trained on without changing the bound tha
   error; they still learn from the prior, the reconstruction and through ``z_t``). ``ELBOTerms.diffusion``
   stays the unweighted term, so the bound is reported as before; the training loss uses
   ``ELBOTerms.weighted_diffusion``.
+* ``loss_weighting="elbo_plus_sigmoid"``: ``w(lambda) = 1 + sigmoid(b - lambda)``, the ELBO's own
+  diffusion term plus the sigmoid-weighted one (held constant in the schedule as above). Noisy times
+  weigh up to twice what they weigh in the ELBO, and almost-clean ones keep the ELBO's weight: the
+  sigmoid weighting alone leaves the network untrained near the data, where the sampler ends.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from .networks import ElementwiseResidualMLP, ScoreNet
 
 _LOG_2PI = math.log(2.0 * math.pi)
 PARAMETERIZATIONS = ("eps", "v")
-LOSS_WEIGHTINGS = ("elbo", "sigmoid")
+LOSS_WEIGHTINGS = ("elbo", "sigmoid", "elbo_plus_sigmoid")
 
 
 class ELBOTerms(NamedTuple):
@@ -89,8 +93,9 @@ class VDM(nn.Module):
       latent_dim: 0 to diffuse the data itself; otherwise diffuse a ``latent_dim``-wide element-wise
         latent made by a residual MLP encoder, decoded by another.
       parameterization: what the network predicts, ``"eps"`` or ``"v"`` (see the module's notes).
-      loss_weighting: ``"elbo"`` (every log-SNR weighs the same, the bound itself) or ``"sigmoid"``.
-      sigmoid_bias: ``b`` of the sigmoid weighting.
+      loss_weighting: ``"elbo"`` (every log-SNR weighs the same, the bound itself), ``"sigmoid"`` or
+        ``"elbo_plus_sigmoid"``.
+      sigmoid_bias: ``b`` of the sigmoid weightings.
     """
 
     score_net: ScoreNet
@@ -193,11 +198,13 @@ class VDM(nn.Module):
         eps_hat = self.eps_hat(z_t, t, mask, labels, context, cond_keep)
         squared_error = _masked_sum(jnp.square(eps - eps_hat), mask)
         diffusion = weight * squared_error
-        if self.loss_weighting == "sigmoid":
+        if self.loss_weighting == "elbo":
+            weighted_diffusion = diffusion
+        else:
             log_snr = -jax.lax.stop_gradient(gamma_t)
             weighted_diffusion = jax.lax.stop_gradient(weight) * nn.sigmoid(self.sigmoid_bias - log_snr) * squared_error
-        else:
-            weighted_diffusion = diffusion
+            if self.loss_weighting == "elbo_plus_sigmoid":
+                weighted_diffusion = diffusion + weighted_diffusion
 
         gamma_1 = self.gamma(jnp.ones(()))
         kl_per_dim = 0.5 * (

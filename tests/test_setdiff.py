@@ -337,8 +337,9 @@ def test_v_prediction_gives_the_noise_of_pure_noise_and_keeps_padding_at_zero(ba
 
 def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_elbo(batch):
     """The weighted diffusion term is the ELBO's times sigmoid(b - log SNR): at a very noisy time
-    the two agree, at an almost clean one the weighted term is tiny; the unweighted term (what
-    validation reports) does not depend on the weighting."""
+    the two agree, at an almost clean one the weighted term is tiny; with the ELBO added it is the
+    ELBO's times 1 + sigmoid(b - log SNR). The unweighted term (what validation reports) does not
+    depend on the weighting."""
     def terms(weighting, t):
         net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=3)
         model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="eps", loss_weighting=weighting, sigmoid_bias=0.0)
@@ -347,11 +348,13 @@ def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_e
                            rngs={"diffusion": jax.random.key(3)})
 
     for t in (0.02, 0.98):
-        elbo, weighted = terms("elbo", t), terms("sigmoid", t)
+        elbo, weighted, both = terms("elbo", t), terms("sigmoid", t), terms("elbo_plus_sigmoid", t)
         np.testing.assert_allclose(weighted.diffusion, elbo.diffusion, rtol=1e-6)
+        np.testing.assert_allclose(both.diffusion, elbo.diffusion, rtol=1e-6)
         np.testing.assert_allclose(elbo.weighted_diffusion, elbo.diffusion, rtol=1e-6)
         log_snr = -(-13.3 + 18.3 * t)
         np.testing.assert_allclose(weighted.weighted_diffusion, elbo.diffusion / (1 + np.exp(log_snr)), rtol=1e-4)
+        np.testing.assert_allclose(both.weighted_diffusion, elbo.diffusion * (1 + 1 / (1 + np.exp(log_snr))), rtol=1e-4)
     assert float(jnp.sum(terms("sigmoid", 0.02).weighted_diffusion)) < 1e-4 * float(jnp.sum(terms("elbo", 0.02).diffusion))
 
 
