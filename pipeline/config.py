@@ -236,7 +236,7 @@ class ModelConfig:
     latent_dim: int = 0  # 0: diffuse the features; >0: latent diffusion with this width
     conditioning: Conditioning = Conditioning.adaln  # fidelity benchmark: better W1P, FPD, KPD, COV (benchmarks/README.md)
     parameterization: Parameterization = Parameterization.v  # fidelity benchmark: no outliers (benchmarks/README.md)
-    # The ELBO is logged and validated either way; sigmoid made far worse jets at full size (benchmarks/README.md)
+    # The ELBO is logged and validated either way; the weighted ones need schedule=fixed_linear (benchmarks/README.md)
     loss_weighting: LossWeighting = LossWeighting.elbo
     sigmoid_bias: float = 0.0  # b of the sigmoid weightings
     log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0

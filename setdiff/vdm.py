@@ -37,6 +37,12 @@ Two choices change what the network is trained on without changing the bound tha
   diffusion term plus the sigmoid-weighted one (held constant in the schedule as above). Noisy times
   weigh up to twice what they weigh in the ELBO, and almost-clean ones keep the ELBO's weight: the
   sigmoid weighting alone leaves the network untrained near the data, where the sampler ends.
+
+Either weighting needs the fixed schedule. A learned one would be trained on a loss that is not the
+bound: under ``"sigmoid"`` only the prior and reconstruction terms pull its endpoints, and gamma(1)
+went from 5 to 61 in 40 000 steps; under ``"elbo_plus_sigmoid"`` the added term pulls them through
+``z_t``, and gamma(0) went from -13.3 to -4.0 in 10 000 (the val NELBO from 0.59 to 1.09 bits per
+dimension). ``VDM`` refuses the combination.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from .networks import ElementwiseResidualMLP, ScoreNet
+from .schedules import FixedLinearSchedule
 
 _LOG_2PI = math.log(2.0 * math.pi)
 PARAMETERIZATIONS = ("eps", "v")
@@ -118,6 +125,9 @@ class VDM(nn.Module):
             raise ValueError(f"unknown parameterization {self.parameterization!r}: choose one of {PARAMETERIZATIONS}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {self.loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
+        if self.loss_weighting != "elbo" and not isinstance(self.schedule, FixedLinearSchedule):
+            raise ValueError(f"loss weighting {self.loss_weighting!r} would train a learned schedule on a loss that is not "
+                             "the bound, which drives its endpoints away; use the fixed schedule with it")
         if self.latent_dim:
             self.encoder = ElementwiseResidualMLP(self.latent_dim)
             self.decoder = ElementwiseResidualMLP(self.data_dim)

@@ -358,6 +358,17 @@ def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_e
     assert float(jnp.sum(terms("sigmoid", 0.02).weighted_diffusion)) < 1e-4 * float(jnp.sum(terms("elbo", 0.02).diffusion))
 
 
+@pytest.mark.parametrize("weighting", ["sigmoid", "elbo_plus_sigmoid"])
+def test_a_weighted_loss_refuses_a_learned_schedule(batch, weighting):
+    """A weighted loss is not the bound: a learned schedule trained on it drifts, so it is refused."""
+    net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3)
+    model = VDM(net, make_schedule("learned_linear"), data_dim=DIM, parameterization="v", loss_weighting=weighting)
+    with pytest.raises(ValueError, match=f"loss weighting '{weighting}' would train a learned schedule"):
+        init_params(model, jax.random.key(0), batch)
+    fixed = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v", loss_weighting=weighting)
+    assert "schedule" not in init_params(fixed, jax.random.key(0), batch)["params"]
+
+
 def test_weight_decay_shrinks_weight_matrices_only(batch):
     """AdamW with a zero gradient and a large decay moves the kernels and embeddings only; biases,
     LayerNorm scales and the schedule's endpoints keep their values."""

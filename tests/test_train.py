@@ -170,6 +170,15 @@ def test_an_option_of_the_jet_context_without_the_context_is_refused(tmp_path, p
     assert not (tmp_path / "train").exists()
 
 
+def test_a_weighted_loss_on_the_learned_schedule_is_refused(tmp_path, processed):
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.loss_weighting=elbo_plus_sigmoid")
+    assert cfg.model.schedule.value == "learned_linear"  # the default
+    with pytest.raises(PipelineError, match=r"^model\.loss_weighting=elbo_plus_sigmoid trains on a loss that is not the bound.*"
+                                            r"set model\.schedule=fixed_linear\.$"):
+        train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
+    assert not (tmp_path / "train").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_to_the_same_parameters(tmp_path, processed):
     long = ["train.steps=300", "train.checkpoint_every=1000", "train.val_every=1000"]
