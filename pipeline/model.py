@@ -6,11 +6,17 @@ import jax.numpy as jnp
 
 from setdiff import VDM, ScoreNet, make_schedule
 
-from .config import ModelConfig
+from .config import LossWeighting, ModelConfig, Schedule
+from .files import PipelineError
 
 
 def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
     """The transformer-guided VDM for sets of ``data_dim`` features and ``n_classes`` classes."""
+    weighting, schedule = LossWeighting(model.loss_weighting), Schedule(model.schedule)
+    if weighting is not LossWeighting.elbo and schedule is not Schedule.fixed_linear:  # setdiff.VDM's rule, in config terms
+        raise PipelineError(f"model.loss_weighting={weighting.value} trains on a loss that is not the bound, and a learned "
+                            "schedule's endpoints then drift away (gamma(1) from 5 to 61 in 40 000 steps of sigmoid weighting); "
+                            "set model.schedule=fixed_linear.")
     score_net = ScoreNet(
         d_model=model.d_model,
         n_layers=model.n_layers,

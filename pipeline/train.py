@@ -56,7 +56,7 @@ from setdiff import create_train_state, learning_rate_schedule, make_optimizer, 
 
 from .background import in_background
 from .checkpoints import Checkpoints, latest_checkpoint_step
-from .config import CondDrop, Config, LossWeighting, Schedule
+from .config import CondDrop, Config
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .files import PipelineError, atomic_output, write_config
@@ -207,10 +207,6 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
     if CondDrop(cfg.model.cond_drop) is CondDrop.context and not use_context:
         raise PipelineError("model.cond_drop=context drops the jet features, which a model without them does not see; "
                             "set model.use_jet_context=true or model.cond_drop=class_and_context.")
-    if LossWeighting(cfg.model.loss_weighting) is not LossWeighting.elbo and Schedule(cfg.model.schedule) is not Schedule.fixed_linear:
-        raise PipelineError(f"model.loss_weighting={LossWeighting(cfg.model.loss_weighting).value} trains on a loss that is not the "
-                            "bound, and a learned schedule's endpoints then drift away (gamma(1) from 5 to 61 in 40 000 steps of "
-                            "sigmoid weighting); set model.schedule=fixed_linear.")
     val_rows = np.arange(min(cfg.train.val_jets, count_jets(processed / "val.h5")))  # only the sets scored are read
     val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel, rows=val_rows,
                           context_pt_rel_sum=cfg.model.context_pt_rel_sum)

@@ -28,13 +28,10 @@ Two choices change what the network is trained on without changing the bound tha
 * ``loss_weighting="sigmoid"``: the diffusion term is weighted by ``w(lambda) = sigmoid(b - lambda)``
   with ``lambda = -gamma(t)`` the log-SNR (Kingma & Gao 2023, arXiv:2303.00848, sec. 5), which moves
   the weight from almost-clean times (where the ELBO puts much of it) to the noisy times that shape
-  the samples. The weight and the schedule's slope are held constant under differentiation (a
-  learned schedule's endpoints would otherwise be pushed to shrink the weight rather than the
-  error; they still learn from the prior, the reconstruction and through ``z_t``). ``ELBOTerms.diffusion``
-  stays the unweighted term, so the bound is reported as before; the training loss uses
-  ``ELBOTerms.weighted_diffusion``.
+  the samples. ``ELBOTerms.diffusion`` stays the unweighted term, so the bound is reported as
+  before; the training loss uses ``ELBOTerms.weighted_diffusion``.
 * ``loss_weighting="elbo_plus_sigmoid"``: ``w(lambda) = 1 + sigmoid(b - lambda)``, the ELBO's own
-  diffusion term plus the sigmoid-weighted one (held constant in the schedule as above). Noisy times
+  diffusion term plus the sigmoid-weighted one. Noisy times
   weigh up to twice what they weigh in the ELBO, and almost-clean ones keep the ELBO's weight: the
   sigmoid weighting alone leaves the network untrained near the data, where the sampler ends.
 
@@ -210,9 +207,8 @@ class VDM(nn.Module):
         diffusion = weight * squared_error
         if self.loss_weighting == "elbo":
             weighted_diffusion = diffusion
-        else:
-            log_snr = -jax.lax.stop_gradient(gamma_t)
-            weighted_diffusion = jax.lax.stop_gradient(weight) * nn.sigmoid(self.sigmoid_bias - log_snr) * squared_error
+        else:  # on the fixed schedule (setup), so the weights hold no parameter
+            weighted_diffusion = weight * nn.sigmoid(self.sigmoid_bias + gamma_t) * squared_error
             if self.loss_weighting == "elbo_plus_sigmoid":
                 weighted_diffusion = diffusion + weighted_diffusion
 

@@ -171,7 +171,7 @@ def test_an_option_of_the_jet_context_without_the_context_is_refused(tmp_path, p
 
 
 def test_a_weighted_loss_on_the_learned_schedule_is_refused(tmp_path, processed):
-    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", "model.loss_weighting=elbo_plus_sigmoid")
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, "model.loss_weighting=elbo_plus_sigmoid")
     assert cfg.model.schedule.value == "learned_linear"  # the default
     with pytest.raises(PipelineError, match=r"^model\.loss_weighting=elbo_plus_sigmoid trains on a loss that is not the bound.*"
                                             r"set model\.schedule=fixed_linear\.$"):
