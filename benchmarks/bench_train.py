@@ -86,7 +86,8 @@ def measure(processed: Path, cfg, padding_aware: bool, window: int, steps: int, 
     n_local = jax.local_device_count()
     batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel,
                            cfg.train.batch_size, cfg.seed, n_local, padding_aware=padding_aware, multiplicity_window=window,
-                           window_jets=cfg.train.window_jets, context_pt_rel_sum=cfg.model.context_pt_rel_sum)
+                           window_jets=cfg.train.window_jets, context_pt_rel_sum=cfg.model.context_pt_rel_sum,
+                           context_kept_mass=cfg.model.context_kept_mass)
     sets = read_sets(processed / "train.h5", datasets=())
     model = build_vdm(cfg.model, data_dim=len(sets["feature_names"]), n_classes=len(sets["class_names"]))
     optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.steps, cfg.train.warmup_steps,

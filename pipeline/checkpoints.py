@@ -82,7 +82,8 @@ def trained_model(cfg: DictConfig, data_dim: int, n_classes: int):
     if not path or not Path(path).exists():
         raise PipelineError(f"{summary_path} names no existing checkpoint ({path}); train the model again.")
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(train_dir / "config.yaml").model)
-    for key in ("log_pt_rel", "use_jet_context", "context_pt_rel_sum"):  # they decide how the data is read, before the model is
+    # These decide how the data is read, before the model is built
+    for key in ("log_pt_rel", "use_jet_context", "context_pt_rel_sum", "context_kept_mass"):
         if model_cfg[key] != cfg.model[key]:
             raise PipelineError(f"the model in {train_dir} was trained with model.{key}={model_cfg[key]}, not {cfg.model[key]}; "
                                 f"run with model.{key}={model_cfg[key]}.")

@@ -249,6 +249,10 @@ class ModelConfig:
     # pT the particles past n_max took away), taken from the template jet when sampling; needs
     # model.use_jet_context and the normalisation.json of a recent preprocess
     context_pt_rel_sum: bool = False
+    # True: the jet mass among the jet features is the mass of the kept particles (the n_max hardest,
+    # those the model generates) instead of the whole jet's, so that the feature says what the generated
+    # particles should add up to; needs model.use_jet_context
+    context_kept_mass: bool = False
     bfloat16: bool = False  # bfloat16 compute, float32 parameters
 
 

@@ -40,6 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from .files import PipelineError
+from .jets import jet_from_relative_particles
 from .sets import open_sets, read_multiplicities, read_sets, rows_per_chunk
 
 
@@ -95,7 +96,7 @@ class SetsSplit:
     """
 
     def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool = False,
-                 rows: np.ndarray | None = None, context_pt_rel_sum: bool = False):
+                 rows: np.ndarray | None = None, context_pt_rel_sum: bool = False, context_kept_mass: bool = False):
         sets = read_sets(path, rows=rows)  # only ``rows`` (increasing) of the file, if given
         normalisation = json.loads(Path(normalisation_path).read_text())
         self.feature_names, self.class_names = list(sets["feature_names"]), list(sets["class_names"])
@@ -105,6 +106,11 @@ class SetsSplit:
         # sampling gives it to the jet generated on this one's template.
         pt_rel = particles[..., self.feature_names.index("pt_rel")]
         self.pt_rel_sum = pt_rel.sum(axis=1, where=self.mask, dtype=np.float64)
+        # The mass the kept particles add up to, m/pT of the original jet (massless particles, as the
+        # evaluation computes it): model.context_kept_mass gives it in place of the whole jet's mass.
+        if use_context and context_kept_mass:
+            kept_relative_mass = jet_from_relative_particles(
+                *(particles[..., self.feature_names.index(name)] for name in ("eta_rel", "phi_rel", "pt_rel")), self.mask)["mass"]
         statistics = [normalisation["particles"][name] for name in self.feature_names]
         self.log_column = self.feature_names.index("pt_rel") if log_pt_rel else None
         if log_pt_rel:
@@ -137,13 +143,25 @@ class SetsSplit:
                     f"{path} holds jet features {jet_names}, but the model is conditioned on {list(normalisation['jets'])}; "
                     "score a processed split (generated files hold relative jet features) or a model without model.use_jet_context."
                 )
-            self.context = _standardised_jet_columns(sets["jets"], [normalisation["jets"][name] for name in jet_names])
+            jets = sets["jets"]
+            if context_kept_mass:
+                if not {"pt", "mass"} <= set(jet_names):
+                    raise PipelineError(f"{path} holds jet features {jet_names}; model.context_kept_mass replaces the jet's "
+                                        "mass by its kept particles' and needs pt and mass among them.")
+                jets = jets.copy()
+                jets[:, jet_names.index("mass")] = jets[:, jet_names.index("pt")] * kept_relative_mass
+                jet_names[jet_names.index("mass")] = "kept_mass"
+            # The kept mass is standardised with the whole jet mass's statistics: an affine map that is
+            # the same in training and sampling, for a feature a little lighter than the jet's.
+            self.context = _standardised_jet_columns(jets, [normalisation["jets"][name.removeprefix("kept_")] for name in jet_names])
             if context_pt_rel_sum:
                 self.context = np.concatenate([self.context, self._standardised_pt_rel_sum(normalisation, normalisation_path)], axis=1)
                 self.jet_feature_names.append("pt_rel_sum")
-        elif context_pt_rel_sum:
-            raise PipelineError("model.context_pt_rel_sum adds the jets' momentum-fraction sums to their features, "
-                                "which a model without model.use_jet_context does not see; set model.use_jet_context=true.")
+        elif context_pt_rel_sum or context_kept_mass:
+            option = "model.context_pt_rel_sum adds the jets' momentum-fraction sums to" if context_pt_rel_sum else \
+                "model.context_kept_mass changes the mass among"
+            raise PipelineError(f"{option} their features, which a model without model.use_jet_context does not see; "
+                                "set model.use_jet_context=true.")
 
     def _standardised_pt_rel_sum(self, normalisation: dict, normalisation_path: Path) -> np.ndarray:
         """Each jet's sum of pt_rel over its kept particles as a context column, standardised with the
@@ -203,7 +221,7 @@ class TrainBatches:
     def __init__(self, path: Path, normalisation_path: Path, use_context: bool, log_pt_rel: bool, batch_size: int, seed: int,
                  n_local_devices: int, process_index: int = 0, process_count: int = 1, padding_aware: bool = True,
                  multiplicity_window: int = 0, window_jets: int = 262_144, input_shares: int = 0,
-                 context_pt_rel_sum: bool = False):
+                 context_pt_rel_sum: bool = False, context_kept_mass: bool = False):
         n_devices = n_local_devices * process_count
         if batch_size % n_devices:
             raise PipelineError(
@@ -216,7 +234,7 @@ class TrainBatches:
                 "choose a divisor of the batch size (0: one share per process)."
             )
         self.path, self.normalisation_path, self.use_context, self.log_pt_rel = path, normalisation_path, use_context, log_pt_rel
-        self.context_pt_rel_sum = context_pt_rel_sum
+        self.context_pt_rel_sum, self.context_kept_mass = context_pt_rel_sum, context_kept_mass
         with open_sets(path) as file:
             mask = file["mask"]
             n_jets, self.n_max = mask.shape
@@ -293,7 +311,7 @@ class TrainBatches:
         if self._window_split is None or not np.array_equal(rows, self._window_rows):  # else a split in one window: read once
             self._window_key, self._window_split = None, None  # the old window's memory goes before the new one is read
             self._window_split = SetsSplit(self.path, self.normalisation_path, self.use_context, self.log_pt_rel, rows=rows,
-                                           context_pt_rel_sum=self.context_pt_rel_sum)
+                                           context_pt_rel_sum=self.context_pt_rel_sum, context_kept_mass=self.context_kept_mass)
             self._window_rows = rows
         self._window_key = (epoch, window)
 

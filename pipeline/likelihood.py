@@ -48,6 +48,7 @@ the given features, whose density nothing models). Its anomaly score is then con
 jet's mass and pT: it ranks jets by how unusual their particles are for jets of that mass, and
 does not see an unusual mass itself (``nelbo.h5``'s ``given`` attribute says which case it is).
 With ``model.context_pt_rel_sum`` the jet's sum of pt_rel over its kept particles is given too.
+With ``model.context_kept_mass`` the mass given is that of the kept particles, not the whole jet's.
 
 Scores per jet, in ``nelbo.h5``:
 
@@ -146,7 +147,7 @@ def nelbo_per_class(cfg: DictConfig, path: Path, normalisation_path: Path, n_fea
         for first in block_starts:
             rows = np.arange(first, min(first + SCORED_BLOCK_JETS, n_jets))
             split = SetsSplit(path, normalisation_path, cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=rows,
-                              context_pt_rel_sum=cfg.model.context_pt_rel_sum)
+                              context_pt_rel_sum=cfg.model.context_pt_rel_sum, context_kept_mass=cfg.model.context_kept_mass)
             scores = np.empty((len(split), n_classes))
             for positions, batch, _ in batches_by_multiplicity(split, np.arange(len(split)), batch_size):
                 batch_key = jax.random.fold_in(key, batch_index)
@@ -220,6 +221,8 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
         labels.append(split.labels)
     per_class, nll_per_class, labels = (np.concatenate(blocks) for blocks in (nelbo_blocks, nll_blocks, labels))
     given = ["class", *scored["jet_feature_names"]] if cfg.model.use_jet_context else ["class"]
+    if cfg.model.context_kept_mass:
+        given[given.index("mass")] = "kept_mass"
     if cfg.model.context_pt_rel_sum:
         given.append("pt_rel_sum")
     with np.errstate(divide="ignore"):

@@ -136,7 +136,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     chosen = chosen_template_rows(cfg)
     distinct, rows = np.unique(chosen, return_inverse=True)  # rows: positions in the distinct rows read
     split = SetsSplit(template, processed / "normalisation.json", cfg.model.use_jet_context, cfg.model.log_pt_rel, rows=distinct,
-                      context_pt_rel_sum=cfg.model.context_pt_rel_sum)
+                      context_pt_rel_sum=cfg.model.context_pt_rel_sum, context_kept_mass=cfg.model.context_kept_mass)
     if split.feature_names != PARTICLE_FEATURES:
         raise PipelineError(f"{processed} holds features {split.feature_names}; sampling writes {PARTICLE_FEATURES}, preprocess again.")
     model, params, checkpoint = trained_model(cfg, split.x.shape[-1], len(split.class_names))

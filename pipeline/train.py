@@ -209,11 +209,12 @@ def train(cfg: DictConfig, output_dir: Path, primary: bool, progress: bool = Tru
                             "set model.use_jet_context=true or model.cond_drop=class_and_context.")
     val_rows = np.arange(min(cfg.train.val_jets, count_jets(processed / "val.h5")))  # only the sets scored are read
     val_split = SetsSplit(processed / "val.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel, rows=val_rows,
-                          context_pt_rel_sum=cfg.model.context_pt_rel_sum)
+                          context_pt_rel_sum=cfg.model.context_pt_rel_sum, context_kept_mass=cfg.model.context_kept_mass)
     batches = TrainBatches(processed / "train.h5", processed / "normalisation.json", use_context, cfg.model.log_pt_rel,
                            cfg.train.batch_size, cfg.seed, jax.local_device_count(), jax.process_index(), jax.process_count(),
                            cfg.train.padding_aware, cfg.train.multiplicity_window, cfg.train.window_jets,
-                           cfg.train.input_shares, context_pt_rel_sum=cfg.model.context_pt_rel_sum)
+                           cfg.train.input_shares, context_pt_rel_sum=cfg.model.context_pt_rel_sum,
+                           context_kept_mass=cfg.model.context_kept_mass)
     data_dim = len(val_split.feature_names)
     model = build_vdm(cfg.model, data_dim=data_dim, n_classes=len(val_split.class_names))
     train_cfg = cfg.train

@@ -161,9 +161,10 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, proc
     assert "train.batch_size=6" in result.stderr and "4 devices" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("option", ["model.cond_drop=context", "model.context_pt_rel_sum=true"])
+@pytest.mark.parametrize("option", ["model.cond_drop=context", "model.context_pt_rel_sum=true", "model.context_kept_mass=true"])
 def test_an_option_of_the_jet_context_without_the_context_is_refused(tmp_path, processed, option):
-    """Dropping only the jet features, or adding the kept momentum sum to them, needs them."""
+    """Dropping only the jet features, adding the kept momentum sum to them, or changing their mass to the kept
+    particles' needs them."""
     cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", option, "model.use_jet_context=false")
     with pytest.raises(PipelineError, match=rf"{re.escape(option.split('=')[0])}.* set model\.use_jet_context=true"):
         train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
@@ -484,6 +485,39 @@ def test_the_kept_momentum_sum_is_one_more_standardised_context_column(processed
     rows = np.array([2, 9, len(plain) - 1])
     part = SetsSplit(processed / "train.h5", processed / "normalisation.json", use_context=True, rows=rows, context_pt_rel_sum=True)
     np.testing.assert_array_equal(part.context, with_sum.context[rows])
+
+
+def test_the_kept_mass_replaces_the_jet_mass_in_the_context(tmp_path):
+    """model.context_kept_mass: the mass column of the context is the kept particles' invariant mass
+    (massless particles: m^2 = sum_{i<j} 2 pt_i pt_j (cosh d_eta - cos d_phi), in units of the jet's
+    pT, times that pT), standardised as the jet mass is; the other columns stay as they were."""
+    eta_phi_pt = np.zeros((2, 30, 3), np.float32)
+    eta_phi_pt[0, :2] = [[-0.1, 0.0, 0.5], [0.1, 0.0, 0.5]]  # kept mass 0.1002 x pT, lighter than the jet's 80 GeV
+    eta_phi_pt[1, :3] = [[0.0, 0.2, 0.6], [0.0, -0.2, 0.3], [0.3, 0.0, 0.1]]  # kept mass 0.2004 x pT, heavier than the file's 60 GeV
+    mask = np.arange(30) < np.array([[2], [3]])
+    jets = np.array([[500.0, 0.3, 80.0, 2], [400.0, -1.0, 60.0, 3]], np.float32)
+    with write_sets(tmp_path / "train.h5", n_max=30, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt", "eta", "mass", "n_particles"],
+                    class_names=["g", "t"], source="test", config="") as writer:
+        writer.append(eta_phi_pt, mask, jets, np.array([0, 1], np.int32))  # PARTICLE_FEATURES: eta_rel, phi_rel, pt_rel
+    jet_statistics = {"pt": {"mean": 450.0, "std": 50.0}, "eta": {"mean": 0.0, "std": 1.0}, "mass": {"mean": 40.0, "std": 20.0},
+                      "n_particles": {"mean": 2.5, "std": 0.5}}
+    (tmp_path / "normalisation.json").write_text(json.dumps({
+        "particles": {name: {"mean": 0.0, "std": 1.0} for name in PARTICLE_FEATURES}, "jets": jet_statistics}))
+
+    def kept_mass(eta, phi, pt):
+        pairs = [(i, j) for i in range(len(pt)) for j in range(i + 1, len(pt))]
+        return np.sqrt(sum(2 * pt[i] * pt[j] * (np.cosh(eta[i] - eta[j]) - np.cos(phi[i] - phi[j])) for i, j in pairs))
+
+    expected_mass = [jets[row, 0] * kept_mass(*eta_phi_pt[row, : mask[row].sum()].T.astype(np.float64)) for row in (0, 1)]
+    assert expected_mass == pytest.approx([500 * 0.10017, 400 * 0.20042], rel=1e-4)
+    plain = SetsSplit(tmp_path / "train.h5", tmp_path / "normalisation.json", use_context=True)
+    kept = SetsSplit(tmp_path / "train.h5", tmp_path / "normalisation.json", use_context=True, context_kept_mass=True)
+    assert plain.jet_feature_names == ["pt", "eta", "mass", "n_particles"]
+    assert kept.jet_feature_names == ["pt", "eta", "kept_mass", "n_particles"]
+    np.testing.assert_allclose(plain.context[:, 2], [(80 - 40) / 20, (60 - 40) / 20], rtol=1e-6)
+    np.testing.assert_allclose(kept.context[:, 2], (np.array(expected_mass) - 40) / 20, rtol=1e-5)
+    np.testing.assert_array_equal(kept.context[:, [0, 1, 3]], plain.context[:, [0, 1, 3]])
+    np.testing.assert_array_equal(kept.x, plain.x)
 
 
 @pytest.mark.parametrize("option, statistics, message", [
