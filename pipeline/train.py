@@ -56,7 +56,7 @@ from setdiff import create_train_state, learning_rate_schedule, make_optimizer, 
 
 from .background import in_background
 from .checkpoints import Checkpoints, latest_checkpoint_step
-from .config import CondDrop, Config
+from .config import CondDrop, Config, ModelConfig, TrainConfig
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .files import PipelineError, atomic_output, write_config
@@ -103,7 +103,10 @@ def settings_changed_on_resume(previous_config: Path, cfg: DictConfig) -> dict[s
     def training_settings(config) -> dict:
         return {key: value for key, value in flatten_config(config).items() if key.split(".")[0] in ("data", "model", "train", "seed")}
 
-    before, now = training_settings(OmegaConf.load(previous_config)), training_settings(cfg)
+    # A model or train key that the earlier run's config lacks was added to the pipeline since, with the
+    # behaviour before it as its default: that run had the default.
+    added_since = flatten_config({"model": OmegaConf.structured(ModelConfig), "train": OmegaConf.structured(TrainConfig)})
+    before, now = {**added_since, **training_settings(OmegaConf.load(previous_config))}, training_settings(cfg)
     changed = {key: (before.get(key, "unset"), now.get(key, "unset"))
                for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)}
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]

@@ -217,6 +217,23 @@ def test_resuming_with_other_settings_is_refused_and_more_steps_continue(tmp_pat
     assert sorted(path.name for path in (tmp_path / "train" / "checkpoints" / "latest").iterdir()) == ["2", "4"]
 
 
+def test_a_setting_added_to_the_pipeline_since_a_run_resumes_it_at_its_default(tmp_path):
+    """A checkpointed run's config predates a model or train key: the run had the key's default, so
+    the same settings resume it and another value of that key is refused; a key the pipeline no
+    longer has is a change too."""
+    cfg = compose_config(*TRAIN)
+    saved = OmegaConf.to_container(cfg)
+    del saved["model"]["context_kept_mass"], saved["train"]["grad_clip"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    assert train_stage.settings_changed_on_resume(tmp_path / "config.yaml", cfg) == {}
+    with pytest.raises(PipelineError, match=r"other settings \(model\.context_kept_mass False -> True\)"):
+        train_stage.settings_changed_on_resume(tmp_path / "config.yaml", compose_config(*TRAIN, "model.context_kept_mass=true"))
+    saved["model"]["retired_option"] = 3
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    with pytest.raises(PipelineError, match=r"other settings \(model\.retired_option 3 -> unset\)"):
+        train_stage.settings_changed_on_resume(tmp_path / "config.yaml", cfg)
+
+
 @pytest.mark.slow
 def test_a_nan_loss_stops_with_its_step_and_a_lower_learning_rate_resumes_from_the_last_good_checkpoint(tmp_path, processed):
     assert train(tmp_path, processed, "train.steps=6", "train.learning_rate=0.002").returncode == 0  # checkpoint 6
