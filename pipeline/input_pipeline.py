@@ -143,17 +143,17 @@ class SetsSplit:
                     f"{path} holds jet features {jet_names}, but the model is conditioned on {list(normalisation['jets'])}; "
                     "score a processed split (generated files hold relative jet features) or a model without model.use_jet_context."
                 )
-            jets = sets["jets"]
+            jets, statistics = sets["jets"], [normalisation["jets"][name] for name in jet_names]
             if context_kept_mass:
                 if not {"pt", "mass"} <= set(jet_names):
                     raise PipelineError(f"{path} holds jet features {jet_names}; model.context_kept_mass replaces the jet's "
                                         "mass by its kept particles' and needs pt and mass among them.")
+                # Standardised with the whole jet mass's statistics: an affine map that is the same in
+                # training and sampling, for a feature a little lighter than the jet's.
                 jets = jets.copy()
                 jets[:, jet_names.index("mass")] = jets[:, jet_names.index("pt")] * kept_relative_mass
                 jet_names[jet_names.index("mass")] = "kept_mass"
-            # The kept mass is standardised with the whole jet mass's statistics: an affine map that is
-            # the same in training and sampling, for a feature a little lighter than the jet's.
-            self.context = _standardised_jet_columns(jets, [normalisation["jets"][name.removeprefix("kept_")] for name in jet_names])
+            self.context = _standardised_jet_columns(jets, statistics)
             if context_pt_rel_sum:
                 self.context = np.concatenate([self.context, self._standardised_pt_rel_sum(normalisation, normalisation_path)], axis=1)
                 self.jet_feature_names.append("pt_rel_sum")

@@ -220,11 +220,7 @@ def score_file(cfg: DictConfig, output_dir: Path, progress: bool = True) -> dict
         nll_blocks.append(jet_nll_nats(per_class, split.multiplicity, n_features, split.log_jacobian(), log_p_multiplicity))
         labels.append(split.labels)
     per_class, nll_per_class, labels = (np.concatenate(blocks) for blocks in (nelbo_blocks, nll_blocks, labels))
-    given = ["class", *scored["jet_feature_names"]] if cfg.model.use_jet_context else ["class"]
-    if cfg.model.context_kept_mass:
-        given[given.index("mass")] = "kept_mass"
-    if cfg.model.context_pt_rel_sum:
-        given.append("pt_rel_sum")
+    given = ["class", *split.jet_feature_names]  # the context's columns, as the model read them (the same in every block)
     with np.errstate(divide="ignore"):
         log_class_fraction = np.log(np.bincount(train["labels"], minlength=len(model_classes)) / len(train["labels"]))
     anomaly_score = -logsumexp(log_class_fraction - nll_per_class, axis=1)
