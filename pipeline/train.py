@@ -187,14 +187,16 @@ class StopRequest:
 
 def val_nelbo_scorer(model, split: SetsSplit, n_sets: int, batch_size: int, n_samples: int, seed: int):
     """A function of the parameters giving the mean NELBO (bits per dimension) of the first
-    ``n_sets`` sets of ``split``, with the same noise every call so scores compare across steps."""
-    score = jax.jit(lambda params, batch: nelbo(model, params, jax.random.PRNGKey(seed), batch["x"], batch["mask"],
-                                                batch["labels"], batch.get("context"), n_samples=n_samples))
+    ``n_sets`` sets of ``split``. Every batch draws its own times and noise, and the same ones at
+    every call, so scores compare across steps without each batch repeating the first one's draws."""
+    score = jax.jit(lambda params, batch, key: nelbo(model, params, key, batch["x"], batch["mask"], batch["labels"],
+                                                     batch.get("context"), n_samples=n_samples))
     rows = np.arange(min(n_sets, len(split)))
     batches = [split.rows(rows[start : start + batch_size], split.mask.shape[1]) for start in range(0, len(rows), batch_size)]
+    keys = [jax.random.fold_in(jax.random.PRNGKey(seed), index) for index in range(len(batches))]
 
     def mean_nelbo(params) -> float:
-        return float(np.concatenate([np.asarray(score(params, batch)) for batch in batches]).mean())
+        return float(np.concatenate([np.asarray(score(params, batch, key)) for batch, key in zip(batches, keys)]).mean())
 
     return mean_nelbo
 

@@ -12,6 +12,7 @@ import sys
 import tracemalloc
 
 import h5py
+import jax
 import mlflow
 import numpy as np
 import pytest
@@ -271,7 +272,6 @@ def test_a_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path, processed
 
 
 def test_the_optimiser_settings_a_resume_may_change_keep_the_optimiser_state_of_the_checkpoint():
-    import jax
 
     params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
     arguments = {"learning_rate": 3e-4, "total_steps": 100, "warmup_steps": 10, "weight_decay": 1e-4, "grad_clip": 1.0}
@@ -285,7 +285,6 @@ def test_the_optimiser_settings_a_resume_may_change_keep_the_optimiser_state_of_
 
 
 def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
-    import jax
 
     cfg = compose_config(*TRAIN)
     cut, full = (train_batches(processed, 8, padding_aware=aware) for aware in (True, False))
@@ -404,6 +403,26 @@ def test_a_training_run_holds_a_window_of_the_train_split_not_the_whole(tmp_path
     assert peaks[1_000_000] - peaks[40_000] < split_gb / 4, peaks
 
 
+def test_every_validation_batch_draws_its_own_noise_and_the_same_at_every_call(tmp_path):
+    """Validation scores its sets with the same times and noise at every call, so that steps compare,
+    and each batch with draws of its own: a batch holding the same jets as the first scores
+    differently (one key for every batch would repeat the first batch's score)."""
+    first_half = synthetic_split(tmp_path, 8)
+    with h5py.File(first_half / "train.h5") as file:
+        jets = {name: file[name][:] for name in ("particles", "mask", "jets", "labels")}
+    with write_sets(tmp_path / "val.h5", n_max=30, feature_names=PARTICLE_FEATURES, jet_feature_names=["pt", "eta", "mass", "n_particles"],
+                    class_names=["g", "t"], source="test", config="") as writer:
+        for _ in range(2):  # the same 8 jets twice
+            writer.append(jets["particles"], jets["mask"], jets["jets"], jets["labels"])
+    split = SetsSplit(tmp_path / "val.h5", tmp_path / "normalisation.json", False, False)
+    model = build_vdm(compose_config(*TRAIN).model, data_dim=3, n_classes=2)
+    params = init_params(model, jax.random.key(0), split.rows(np.arange(8), 30))
+    both_batches = train_stage.val_nelbo_scorer(model, split, n_sets=16, batch_size=8, n_samples=2, seed=0)
+    first_batch = train_stage.val_nelbo_scorer(model, split, n_sets=8, batch_size=8, n_samples=2, seed=0)
+    assert both_batches(params) == both_batches(params)
+    assert both_batches(params) != pytest.approx(first_batch(params), rel=1e-3)
+
+
 def test_a_damaged_train_split_is_refused_naming_it(tmp_path):
     folder = synthetic_split(tmp_path, 3_000)
     with h5py.File(folder / "train.h5", "r") as file:
@@ -436,7 +455,6 @@ def test_two_processes_train_together_like_one(tmp_path, processed, reference):
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, reference):
-    import jax
 
     batch = {name: array[0] for name, array in train_batches(processed, 8)(0).items()}
     models = {dtype: build_vdm(compose_config(*TRAIN, f"model.bfloat16={dtype == 'bfloat16'}").model, 3, 3)
