@@ -272,7 +272,6 @@ def test_a_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path, processed
 
 
 def test_the_optimiser_settings_a_resume_may_change_keep_the_optimiser_state_of_the_checkpoint():
-
     params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
     arguments = {"learning_rate": 3e-4, "total_steps": 100, "warmup_steps": 10, "weight_decay": 1e-4, "grad_clip": 1.0}
     saved = jax.tree.structure(make_optimizer(**arguments).init(params))
@@ -285,7 +284,6 @@ def test_the_optimiser_settings_a_resume_may_change_keep_the_optimiser_state_of_
 
 
 def test_padding_aware_batches_have_the_loss_of_fully_padded_ones(processed):
-
     cfg = compose_config(*TRAIN)
     cut, full = (train_batches(processed, 8, padding_aware=aware) for aware in (True, False))
     model = build_vdm(cfg.model, data_dim=3, n_classes=3)
@@ -455,7 +453,6 @@ def test_two_processes_train_together_like_one(tmp_path, processed, reference):
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_the_float32_loss(processed, reference):
-
     batch = {name: array[0] for name, array in train_batches(processed, 8)(0).items()}
     models = {dtype: build_vdm(compose_config(*TRAIN, f"model.bfloat16={dtype == 'bfloat16'}").model, 3, 3)
               for dtype in ("float32", "bfloat16")}
