@@ -40,13 +40,6 @@ FIXTURE_TRACKING_URI = f"sqlite:///{_FIXTURE_STORE_DIR}/mlflow.db"
 os.environ["MLFLOW_TRACKING_URI"] = FIXTURE_TRACKING_URI
 
 
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker more than this process may use cores. Many tests spend part of their
-    time waiting (on a stage's child process, a SLURM job, a server starting), and the extra worker
-    keeps the cores busy meanwhile."""
-    return len(os.sched_getaffinity(0)) + 1
-
-
 def pytest_collection_modifyitems(items):
     """Modules run in the order of how many slow tests they hold, most first: pytest-xdist hands
     out whole modules in this order (``--dist loadfile --no-loadscope-reorder``), and a slow one
