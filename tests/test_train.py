@@ -379,24 +379,28 @@ def test_a_training_run_holds_a_window_of_the_train_split_not_the_whole(tmp_path
     """Peak resident memory of a short training run, measured as ``benchmarks/bench_input.py``
     measures it (``VmHWM`` of a fresh process), on a train split of 40k jets and on one of 1M jets
     (390 MB of float32 particles and masks), read in windows of 8 192 jets: the larger split adds
-    less than a quarter of its size (a run that loaded it would add all of it). Both runs compile
-    without the persistent cache, so that compilation weighs the same in each."""
+    less than a quarter of its size (one window of the whole 1M split adds 430 MB). The measured runs
+    compile nothing: a first run fills a compilation cache of their own. Compiling raises the peak
+    by ~0.35 GB, and by tens of MB more or less from run to run under load, as much as the bound."""
     spec = importlib.util.spec_from_file_location("bench_input", PROJECT_ROOT / "benchmarks" / "bench_input.py")
     bench_input = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_input)
-    peaks = {}
-    for n_jets in (40_000, 1_000_000):
-        folder = tmp_path / str(n_jets)
-        folder.mkdir()
-        bench_input.write_dataset(folder, n_jets, n_max=30)
+    environment = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    def peak_gb(n_jets):
         result = subprocess.run(
-            [sys.executable, spec.origin, "--measure", "training", str(folder), "--batch-size", "256", "--train-steps", "20",
-             "--window-jets", "8192"],
-            cwd=PROJECT_ROOT, env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}, capture_output=True, text=True,
-            timeout=600,
+            [sys.executable, spec.origin, "--measure", "training", str(tmp_path / str(n_jets)), "--batch-size", "256",
+             "--train-steps", "20", "--window-jets", "8192"],
+            cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=600,
         )
         assert result.returncode == 0, result.stderr
-        peaks[n_jets] = json.loads(result.stdout.strip().splitlines()[-1])["train_peak_rss_gb"]
+        return json.loads(result.stdout.strip().splitlines()[-1])["train_peak_rss_gb"]
+
+    for n_jets in (40_000, 1_000_000):
+        (tmp_path / str(n_jets)).mkdir()
+        bench_input.write_dataset(tmp_path / str(n_jets), n_jets, n_max=30)
+    peak_gb(40_000)  # compiles, filling the cache
+    peaks = {n_jets: peak_gb(n_jets) for n_jets in (40_000, 1_000_000)}
     split_gb = 1_000_000 * 30 * (3 * 4 + 1) / 1e9
     assert peaks[1_000_000] - peaks[40_000] < split_gb / 4, peaks
 
