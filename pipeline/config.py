@@ -254,6 +254,9 @@ class ModelConfig:
     # particles should add up to; needs model.use_jet_context (in the demo: top jets' W1M 1.7x higher,
     # the mass fixed exactly is missed as widely, see benchmarks/README.md)
     context_kept_mass: bool = False
+    # True: the network also takes its own estimate of the clean particles from a first call
+    # (self-conditioning; a second network call in half the training steps and none more in sampling)
+    self_condition: bool = False
     bfloat16: bool = False  # bfloat16 compute, float32 parameters
 
 

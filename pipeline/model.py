@@ -28,6 +28,7 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         context_mlp=model.context_mlp,
         cond_drop=model.cond_drop.value,
         conditioning=model.conditioning.value,
+        self_condition=model.self_condition,
         dtype=jnp.bfloat16 if model.bfloat16 else jnp.float32,
     )
     return VDM(

@@ -222,6 +222,9 @@ class ScoreNet(nn.Module):
         conditioning is a nonlinear function of the context, the time and the size together.
       conditioning: how the blocks take the conditioning vector, ``"additive"`` or ``"adaln"``
         (see ``SetAttentionBlock``).
+      self_condition: also take an estimate of the clean elements, ``x_self[batch, n, d]``, beside
+        ``z`` (self-conditioning, Chen, Zhang & Hinton 2022, arXiv:2208.04202, sec. 3.2); zeros when
+        none is given.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
 
@@ -235,10 +238,11 @@ class ScoreNet(nn.Module):
     pair_bias_width: int = 0
     context_mlp: bool = False
     cond_drop: str = "class_and_context"
+    self_condition: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z, t, mask, labels=None, context=None, cond_keep=None):
+    def __call__(self, z, t, mask, labels=None, context=None, cond_keep=None, x_self=None):
         """Predict the noise of every element.
 
         Args:
@@ -250,6 +254,8 @@ class ScoreNet(nn.Module):
           cond_keep: optional bool ``[batch]``; where False what ``cond_drop`` names is dropped
             (the class replaced by the "no class" embedding, the context by a zero context
             embedding), as in classifier-free guidance.
+          x_self: optional ``[batch, n, d]`` estimate of the clean elements, read only with
+            ``self_condition`` (zeros when ``None``).
 
         Returns:
           ``[batch, n, d]`` predicted noise, exactly zero on padded elements.
@@ -284,7 +290,10 @@ class ScoreNet(nn.Module):
             pair_biases = PairwiseAttentionBias(
                 self.pair_bias_width, self.n_layers, self.n_heads, dtype=self.dtype, name="pair_bias"
             )(z, cond)
-        h = rowwise(nn.Dense(self.d_model, dtype=self.dtype, name="embed"), z.astype(self.dtype))
+        inputs = z
+        if self.self_condition:
+            inputs = jnp.concatenate([z, jnp.zeros_like(z) if x_self is None else x_self * mask[..., None]], axis=-1)
+        h = rowwise(nn.Dense(self.d_model, dtype=self.dtype, name="embed"), inputs.astype(self.dtype))
         for i in range(self.n_layers):
             h = SetAttentionBlock(
                 n_heads=self.n_heads, mlp_hidden=self.mlp_ratio * self.d_model, conditioning=self.conditioning,

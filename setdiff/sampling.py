@@ -18,6 +18,9 @@ schedule's ``sigma(1)`` and ``sigma(0)``: against equal steps of ``log sigma``, 
 noise and longer ones near the data (Karras et al. choose ``rho = 7``).
 Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) mixes conditional and unconditional
 predictions as ``(1 + w) eps(z, c) - w eps(z, none)`` with guidance scale ``w``.
+A self-conditioning network (``ScoreNet.self_condition``) is given, at every call, the estimate of
+the clean data ``x_hat = (z - sigma eps_hat) / alpha`` from the call before (zeros at the first),
+as Chen, Zhang & Hinton 2022 (arXiv:2208.04202) sample.
 """
 
 from __future__ import annotations
@@ -34,18 +37,19 @@ SAMPLERS = ("ancestral", "ddim", "heun")
 
 
 def _noise_predictor(model: VDM, params, mask, labels, context, guidance_scale: float):
-    """``eps(z, t)`` for a scalar time, with classifier-free guidance when ``guidance_scale != 0``."""
+    """``eps(z, t, x_self)`` for a scalar time, with classifier-free guidance when
+    ``guidance_scale != 0``; ``x_self`` is the estimate a self-conditioning network takes."""
     batch = mask.shape[0]
     conditional = labels is not None or context is not None
 
-    def eps(z, t):
+    def eps(z, t, x_self):
         times = jnp.full((batch,), t)
         if not (conditional and guidance_scale):
-            return model.apply(params, z, times, mask, labels, context, method=VDM.eps_hat)
+            return model.apply(params, z, times, mask, labels, context, None, x_self, method=VDM.eps_hat)
         both = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
         keep = jnp.concatenate([jnp.ones((batch,), bool), jnp.zeros((batch,), bool)])
         eps_both = model.apply(
-            params, both(z), both(times), both(mask), both(labels), both(context), keep, method=VDM.eps_hat
+            params, both(z), both(times), both(mask), both(labels), both(context), keep, both(x_self), method=VDM.eps_hat
         )
         eps_cond, eps_uncond = eps_both[:batch], eps_both[batch:]
         return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
@@ -111,33 +115,41 @@ def sample(
     times = time_grid(gamma(0.0), gamma(1.0), steps, rho)
     time = lambda i: times[i]  # step i goes from time(i) to time(i + 1)  # noqa: E731
 
+    # The estimate of the clean data each call hands the next (zeros: the network takes none).
+    x_self_0 = jnp.zeros_like(z_1)
+
     if sampler == "ancestral":
 
-        def step(i, z_t):
+        def step(i, state):
+            z_t, x_self = state
             t, s = time(i), time(i + 1)
             gamma_t, gamma_s = gamma(t), gamma(s)
+            eps_t = eps(z_t, t, x_self)
             c = -jnp.expm1(gamma_s - gamma_t)
             alpha_ratio = jnp.sqrt(nn.sigmoid(-gamma_s) / nn.sigmoid(-gamma_t))
-            mean = alpha_ratio * (z_t - c * jnp.sqrt(nn.sigmoid(gamma_t)) * eps(z_t, t))
+            mean = alpha_ratio * (z_t - c * jnp.sqrt(nn.sigmoid(gamma_t)) * eps_t)
             noise = jax.random.normal(jax.random.fold_in(loop_rng, i), z_t.shape)
-            return mean + jnp.sqrt(c * nn.sigmoid(gamma_s)) * noise * mask[..., None]
+            x_hat = model.apply(params, z_t, jnp.full(mask.shape[:1], t), eps_t, method=VDM.x_hat)
+            return mean + jnp.sqrt(c * nn.sigmoid(gamma_s)) * noise * mask[..., None], x_hat
 
-        z_0 = jax.lax.fori_loop(0, steps, step, z_1)
+        z_0, _ = jax.lax.fori_loop(0, steps, step, (z_1, x_self_0))
         y_0 = z_0 / jnp.sqrt(nn.sigmoid(-gamma(0.0)))
     else:
         noise_scale = lambda t: jnp.exp(0.5 * gamma(t))  # sigma_t / alpha_t  # noqa: E731
         alpha = lambda t: jnp.sqrt(nn.sigmoid(-gamma(t)))  # noqa: E731
 
-        def step(i, y_t):
+        def step(i, state):  # in y = z / alpha, whose clean-data estimate is y - sigma_t / alpha_t eps
+            y_t, x_self = state
             t, s = time(i), time(i + 1)
-            slope_t = eps(y_t * alpha(t), t)
+            slope_t = eps(y_t * alpha(t), t, x_self)
             y_euler = y_t + (noise_scale(s) - noise_scale(t)) * slope_t
+            x_hat = y_t - noise_scale(t) * slope_t
             if sampler == "ddim":
-                return y_euler
-            slope_s = eps(y_euler * alpha(s), s)
-            return y_t + (noise_scale(s) - noise_scale(t)) * 0.5 * (slope_t + slope_s)
+                return y_euler, x_hat
+            slope_s = eps(y_euler * alpha(s), s, x_hat)
+            return y_t + (noise_scale(s) - noise_scale(t)) * 0.5 * (slope_t + slope_s), y_euler - noise_scale(s) * slope_s
 
-        y_0 = jax.lax.fori_loop(0, steps, step, z_1 / alpha(1.0))
+        y_0, _ = jax.lax.fori_loop(0, steps, step, (z_1 / alpha(1.0), x_self_0))
 
     mean, _ = model.apply(params, y_0, method=VDM.decode)
     return mean * mask[..., None]

@@ -40,6 +40,14 @@ Two choices change what the network is trained on without changing the bound tha
   weigh up to twice what they weigh in the ELBO, and almost-clean ones keep the ELBO's weight: the
   sigmoid weighting alone leaves the network untrained near the data, where the sampler ends.
 
+With a self-conditioning score network (``ScoreNet.self_condition``; Chen, Zhang & Hinton 2022,
+arXiv:2208.04202) the network also takes an estimate of the clean data: a first call without one
+gives ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``, and the second call, whose prediction enters
+the loss, takes it (no gradient flows through the first). In training, a coin per batch decides
+whether the second call takes the estimate or zeros, so that the network learns both; the bound
+that validation and likelihoods report always uses the estimate, as the samplers do, which feed
+each step the estimate of the step before.
+
 Either weighting needs the fixed schedule. A learned one would be trained on a loss that is not the
 bound: under ``"sigmoid"`` only the prior and reconstruction terms pull its endpoints, and gamma(1)
 went from 5 to 61 in 40 000 steps; under ``"elbo_plus_sigmoid"`` the added term pulls them through
@@ -138,14 +146,20 @@ class VDM(nn.Module):
         """``gamma(t) = -log SNR(t)``."""
         return self.schedule(t)
 
-    def eps_hat(self, z, t, mask, labels=None, context=None, cond_keep=None):
+    def eps_hat(self, z, t, mask, labels=None, context=None, cond_keep=None, x_self=None):
         """The noise prediction at times ``t[batch]``: the network's output itself, or with
-        ``parameterization="v"`` ``sigma_t z + alpha_t v_hat``."""
-        output = self.score_net(z, t, mask, labels, context, cond_keep)
+        ``parameterization="v"`` ``sigma_t z + alpha_t v_hat``. ``x_self``: the estimate of the clean
+        data a self-conditioning network takes (ignored by one that does not)."""
+        output = self.score_net(z, t, mask, labels, context, cond_keep, x_self)
         if self.parameterization == "eps":
             return output
         gamma_t = self.gamma(t)[:, None, None]
         return (jnp.sqrt(nn.sigmoid(gamma_t)) * z + jnp.sqrt(nn.sigmoid(-gamma_t)) * output) * mask[..., None]
+
+    def x_hat(self, z, t, eps_hat):
+        """The estimate of the clean (diffused) data, ``(z_t - sigma_t eps_hat) / alpha_t``."""
+        gamma_t = self.gamma(t)[:, None, None]
+        return (z - jnp.sqrt(nn.sigmoid(gamma_t)) * eps_hat) / jnp.sqrt(nn.sigmoid(-gamma_t))
 
     def encode(self, x):
         """Map data to the diffused space: identity without latent diffusion, else the encoder's
@@ -209,7 +223,16 @@ class VDM(nn.Module):
         alpha_t = jnp.sqrt(nn.sigmoid(-gamma_t))[:, None, None]
         sigma_t = jnp.sqrt(nn.sigmoid(gamma_t))[:, None, None]
         z_t = alpha_t * x_diffused + sigma_t * eps
-        eps_hat = self.eps_hat(z_t, t, mask, labels, context, cond_keep)
+        x_self = None
+        if self.score_net.self_condition:
+            estimate = lambda vdm, z: vdm.x_hat(z, t, vdm.eps_hat(z, t, mask, labels, context, cond_keep))  # noqa: E731
+            if train:  # one coin for the batch, the same on every device of a data-parallel step
+                no_estimate = lambda vdm, z: jnp.zeros_like(z)  # noqa: E731
+                x_self = nn.cond(jax.random.bernoulli(self.make_rng("diffusion")), estimate, no_estimate, self, z_t)
+            else:
+                x_self = estimate(self, z_t)
+            x_self = jax.lax.stop_gradient(x_self)
+        eps_hat = self.eps_hat(z_t, t, mask, labels, context, cond_keep, x_self)
         squared_error = _masked_sum(jnp.square(eps - eps_hat), mask)
         diffusion = weight * squared_error
         if self.loss_weighting == "elbo":
