@@ -16,10 +16,10 @@ N_MAX, DIM = 7, 3
 
 
 def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive",
-                pair_bias_width=0, context_mlp=False, cond_drop="class_and_context"):
+                pair_bias_width=0, context_mlp=False, cond_drop="class_and_context", self_condition=False):
     net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing,
                    conditioning=conditioning, pair_bias_width=pair_bias_width, context_mlp=context_mlp,
-                   cond_drop=cond_drop)
+                   cond_drop=cond_drop, self_condition=self_condition)
     return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -65,6 +65,7 @@ NETWORKS = [
     pytest.param({"conditioning": "adaln"}, id="adaln"),
     pytest.param({"conditioning": "adaln", "pair_bias_width": 8}, id="adaln-pair-bias"),
     pytest.param({"conditioning": "adaln", "context_mlp": True}, id="adaln-context-mlp"),
+    pytest.param({"conditioning": "adaln", "self_condition": True}, id="adaln-self-conditioning"),
 ]
 
 
@@ -138,6 +139,27 @@ def test_score_network_is_permutation_equivariant(batch, network):
     out_of_permuted = eps_hat(model, params, permuted)
     assert float(jnp.abs(out).max()) > 1e-3, "outputs are trivially zero; the test would prove nothing"
     np.testing.assert_allclose(out_of_permuted, out[:, permutation], atol=1e-5)
+
+
+def test_a_self_conditioning_network_reads_the_estimate_it_is_given_on_real_elements_only(batch):
+    """The estimate of the clean data changes the prediction of a self-conditioning network, its
+    padded rows never do, and a network without self-conditioning ignores it."""
+    mask = batch["mask"]
+    t = jnp.linspace(0.1, 0.9, 4)
+    estimate = jax.random.normal(jax.random.key(5), batch["x"].shape)
+    junk_padding = jnp.where(mask[..., None], estimate, 100.0 * jax.random.normal(jax.random.key(6), estimate.shape))
+    for self_condition in (True, False):
+        model = small_model(conditioning="adaln", self_condition=self_condition)
+        params = perturbed(init_params(model, jax.random.key(0), batch))
+
+        def predict(x_self):
+            return model.apply(params, batch["x"], t, mask, batch["labels"], batch["context"], None, x_self, method=VDM.eps_hat)
+        given, junk, none = predict(estimate), predict(junk_padding), predict(None)
+        np.testing.assert_allclose(junk, given, atol=1e-5)
+        if self_condition:
+            assert float(jnp.abs(given - none)[mask].max()) > 1e-3
+        else:
+            np.testing.assert_array_equal(given, none)
 
 
 @pytest.mark.parametrize("network", [
@@ -287,9 +309,10 @@ def test_a_fixed_normaliser_weighs_every_element_the_same_however_sets_are_batch
     assert float(fixed["loss_bpd"]) == pytest.approx(float(own["loss_bpd"]) / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("n_shards", [2, 4])
-def test_data_parallel_step_matches_single_device(n_shards):
-    """A batch split over shards with collectives gives the update of the whole batch on one device."""
+@pytest.mark.parametrize("n_shards, self_condition", [(2, False), (4, False), (4, True)])
+def test_data_parallel_step_matches_single_device(n_shards, self_condition):
+    """A batch split over shards with collectives gives the update of the whole batch on one device
+    (with self-conditioning: every shard tosses the batch's one coin)."""
     rng = np.random.default_rng(0)
     mask = np.arange(N_MAX)[None, :] < rng.integers(1, N_MAX + 1, size=8)[:, None]
     batch = {
@@ -297,7 +320,8 @@ def test_data_parallel_step_matches_single_device(n_shards):
         "mask": jnp.asarray(mask),
         "labels": jnp.asarray(rng.integers(0, 3, size=8), jnp.int32),
     }
-    net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3)
+    net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3,
+                   self_condition=self_condition)
     model = VDM(net, make_schedule("learned_linear"), data_dim=DIM, parameterization="eps", cond_drop_prob=0.5)
     optimizer = make_optimizer(1e-2, total_steps=10)
     state = create_train_state(model, jax.random.key(0), batch, optimizer)
