@@ -255,7 +255,8 @@ class ModelConfig:
     # the mass fixed exactly is missed as widely, see benchmarks/README.md)
     context_kept_mass: bool = False
     # True: the network also takes its own estimate of the clean particles from a first call
-    # (self-conditioning; a second network call in half the training steps and none more in sampling)
+    # (self-conditioning; a second network call in half the training steps and none more in sampling);
+    # needs model.schedule=fixed_linear
     self_condition: bool = False
     bfloat16: bool = False  # bfloat16 compute, float32 parameters
 

@@ -17,6 +17,10 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         raise PipelineError(f"model.loss_weighting={weighting.value} trains on a loss that is not the bound, and a learned "
                             "schedule's endpoints then drift away (gamma(1) from 5 to 61 in 40 000 steps of sigmoid weighting); "
                             "set model.schedule=fixed_linear.")
+    if model.self_condition and schedule is not Schedule.fixed_linear:  # setdiff.VDM's rule, in config terms
+        raise PipelineError("model.self_condition=true trains a learned schedule without the gradient through the estimate "
+                            "the network takes, and its endpoints then drift away (gamma(1) from 5.7 to 19 in 40 000 steps); "
+                            "set model.schedule=fixed_linear.")
     score_net = ScoreNet(
         d_model=model.d_model,
         n_layers=model.n_layers,

@@ -65,7 +65,7 @@ NETWORKS = [
     pytest.param({"conditioning": "adaln"}, id="adaln"),
     pytest.param({"conditioning": "adaln", "pair_bias_width": 8}, id="adaln-pair-bias"),
     pytest.param({"conditioning": "adaln", "context_mlp": True}, id="adaln-context-mlp"),
-    pytest.param({"conditioning": "adaln", "self_condition": True}, id="adaln-self-conditioning"),
+    pytest.param({"conditioning": "adaln", "self_condition": True, "schedule": "fixed_linear"}, id="adaln-self-conditioning"),
 ]
 
 
@@ -149,7 +149,7 @@ def test_a_self_conditioning_network_reads_the_estimate_it_is_given_on_real_elem
     estimate = jax.random.normal(jax.random.key(5), batch["x"].shape)
     junk_padding = jnp.where(mask[..., None], estimate, 100.0 * jax.random.normal(jax.random.key(6), estimate.shape))
     for self_condition in (True, False):
-        model = small_model(conditioning="adaln", self_condition=self_condition)
+        model = small_model("fixed_linear", conditioning="adaln", self_condition=self_condition)
         params = perturbed(init_params(model, jax.random.key(0), batch))
 
         def predict(x_self):
@@ -322,7 +322,8 @@ def test_data_parallel_step_matches_single_device(n_shards, self_condition):
     }
     net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3,
                    self_condition=self_condition)
-    model = VDM(net, make_schedule("learned_linear"), data_dim=DIM, parameterization="eps", cond_drop_prob=0.5)
+    schedule = make_schedule("fixed_linear" if self_condition else "learned_linear")
+    model = VDM(net, schedule, data_dim=DIM, parameterization="eps", cond_drop_prob=0.5)
     optimizer = make_optimizer(1e-2, total_steps=10)
     state = create_train_state(model, jax.random.key(0), batch, optimizer)
     step_rng = jax.random.key(1)
@@ -396,6 +397,15 @@ def test_a_weighted_loss_refuses_a_learned_schedule(batch, weighting):
         init_params(model, jax.random.key(0), batch)
     fixed = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v", loss_weighting=weighting)
     assert "schedule" not in init_params(fixed, jax.random.key(0), batch)["params"]
+
+
+def test_self_conditioning_refuses_a_learned_schedule(batch):
+    """The estimate a self-conditioning network takes carries no gradient, so a learned schedule would
+    get only part of the bound's gradient (and drifted): refused."""
+    net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3, self_condition=True)
+    with pytest.raises(ValueError, match="self-conditioning trains a learned schedule"):
+        init_params(VDM(net, make_schedule("learned_linear"), data_dim=DIM, parameterization="v"), jax.random.key(0), batch)
+    assert init_params(VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v"), jax.random.key(0), batch)
 
 
 def test_weight_decay_shrinks_weight_matrices_only(batch):

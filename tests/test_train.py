@@ -172,11 +172,14 @@ def test_an_option_of_the_jet_context_without_the_context_is_refused(tmp_path, p
     assert not (tmp_path / "train").exists()
 
 
-def test_a_weighted_loss_on_the_learned_schedule_is_refused(tmp_path, processed):
-    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, "model.loss_weighting=elbo_plus_sigmoid")
+@pytest.mark.parametrize("option, message", [
+    ("model.loss_weighting=elbo_plus_sigmoid", r"model\.loss_weighting=elbo_plus_sigmoid trains on a loss that is not the bound"),
+    ("model.self_condition=true", r"model\.self_condition=true trains a learned schedule without the gradient"),
+])
+def test_an_option_that_needs_the_fixed_schedule_is_refused_on_the_learned_one(tmp_path, processed, option, message):
+    cfg = compose_config(f"results_dir={tmp_path}", f"data.processed_dir={processed}", *TRAIN, option)
     assert cfg.model.schedule.value == "learned_linear"  # the default
-    with pytest.raises(PipelineError, match=r"^model\.loss_weighting=elbo_plus_sigmoid trains on a loss that is not the bound.*"
-                                            r"set model\.schedule=fixed_linear\.$"):
+    with pytest.raises(PipelineError, match=rf"^{message}.*set model\.schedule=fixed_linear\.$"):
         train_stage.train(cfg, tmp_path / "train", primary=True, progress=False)
     assert not (tmp_path / "train").exists()
 
