@@ -151,7 +151,7 @@ def _relative_jet_mass(particles: np.ndarray, mask: np.ndarray) -> np.ndarray:
 @functools.lru_cache
 def _efp_set(efpset_args: tuple) -> energyflow.EFPSet:
     """EFPs with the hadronic measure, beta = 1, not normalised, as JetNet computes them (built
-    once per selection: energyflow reads its graph file each time, a fifth of a second)."""
+    once per selection: energyflow reads its whole graph file each time, 0.7 s on a 2-core CPU)."""
     return energyflow.EFPSet(*efpset_args, measure="hadr", beta=1, normed=None, coords="ptyphim")
 
 
