@@ -102,7 +102,8 @@ def train_step(
     ``None`` divides by the batch's own count instead.
 
     Returns:
-      ``(new_state, metrics)`` with the loss and its terms in bits per dimension and the gradient norm.
+      ``(new_state, metrics)`` with the loss and its terms in bits per dimension, the gradient norm
+      and the noise schedule's endpoints ``gamma_0`` and ``gamma_1`` under the averaged parameters.
     """
     n_local = batch["x"].shape[0]
     n_dims = jnp.sum(batch["mask"]) * batch["x"].shape[-1]
@@ -137,7 +138,11 @@ def train_step(
     # are forgotten quickly and short runs still get a useful average.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-    metrics = {"loss_bpd": loss, **terms, "grad_norm": optax.tree.norm(grads)}
+    # The endpoints of the noise schedule the averaged parameters sample with: a learned schedule
+    # whose gamma(1) climbs far past the data's scale (log SNR well below -6) spends its time axis
+    # on noise the network can only answer with the mean, and its samples worsen.
+    gamma_0, gamma_1 = model.apply(ema_params, jnp.array([0.0, 1.0]), method=VDM.gamma)
+    metrics = {"loss_bpd": loss, **terms, "grad_norm": optax.tree.norm(grads), "gamma_0": gamma_0, "gamma_1": gamma_1}
     return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
 
 
