@@ -17,6 +17,7 @@ from pipeline.sample import SAMPLE_JET_FEATURES
 from pipeline.sets import read_sets, write_sets
 from pipeline.checkpoints import load_checkpoint, trained_model
 from pipeline.files import PipelineError
+from pipeline.sample import generate
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
 TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.val_every=10", "train.checkpoint_every=10",
@@ -63,10 +64,10 @@ def test_sampling_writes_the_requested_jets_of_every_class_with_train_multiplici
 
 
 def test_test_masks_are_copied_one_for_one(trained, tmp_path):
+    """The sampling stage's work, called in-process (the command line is the test above's)."""
     results, processed = trained
-    result = run_stage("sample", *stage_args(results, processed, "sample.n_jets=1000", "sample.steps=2", "sample.masks=test",
-                                             "sample.checkpoint=latest", f"hydra.run.dir={tmp_path}"))
-    assert result.returncode == 0, result.stderr
+    settings = stage_args(results, processed, "sample.n_jets=1000", "sample.steps=2", "sample.masks=test", "sample.checkpoint=latest")
+    generate(compose_config(*settings), tmp_path / "samples.h5", progress=False)
     samples, test = read_sets(tmp_path / "samples.h5"), read_sets(processed / "test.h5")
     for label in range(3):  # fewer test jets than asked for: each is used once
         assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
@@ -86,11 +87,8 @@ def test_test_masks_are_copied_one_for_one(trained, tmp_path):
 
     # The same draw without the scaling: the network's own particles, whose sums the file above
     # recorded; scaling changed each jet's pt_rel by one factor and nothing else.
-    unscaled_run = run_stage("sample", *stage_args(results, processed, "sample.n_jets=1000", "sample.steps=2", "sample.masks=test",
-                                                   "sample.checkpoint=latest", "sample.rescale_pt_rel=false",
-                                                   f"hydra.run.dir={tmp_path / 'unscaled'}"))
-    assert unscaled_run.returncode == 0, unscaled_run.stderr
-    unscaled = read_sets(tmp_path / "unscaled" / "samples.h5")
+    generate(compose_config(*settings, "sample.rescale_pt_rel=false"), tmp_path / "unscaled.h5", progress=False)
+    unscaled = read_sets(tmp_path / "unscaled.h5")
     unscaled_sum = unscaled["particles"][..., 2].sum(1)
     assert recorded["unscaled_pt_rel_sum_over_fraction"] == pytest.approx(np.mean(unscaled_sum > 1.05))
     off = ~(np.abs(unscaled_sum / template_sum - 1) <= 0.05)
@@ -240,16 +238,16 @@ def test_a_model_is_not_loaded_with_other_settings_of_how_its_data_is_read(train
 
 
 def test_a_model_conditioned_on_jet_features_samples_with_each_test_jets_context(tmp_path, trained):
-    """``model.use_jet_context=true`` (the demo's choice) end to end: the network has a context
-    embedding, and sampling with ``sample.masks=test`` takes each test jet's multiplicity and context once."""
+    """``model.use_jet_context=true`` (the demo's choice), trained by the stage: the network has a
+    context embedding, and sampling with ``sample.masks=test`` takes each test jet's multiplicity and
+    context once."""
     results, processed = trained
     summary = json.loads((results / "train" / "checkpoint.json").read_text())
     assert "context_embedding" in load_checkpoint(summary["latest"])["params"]["params"]["score_net"]
-    result = run_stage("sample", *stage_args(results, processed, "model.use_jet_context=true", "sample.n_jets=1000", "sample.steps=2",
-                                             "sample.masks=test", "sample.rescale_pt_rel=false",
-                                             f"hydra.run.dir={tmp_path / 'sample'}"))
-    assert result.returncode == 0, result.stderr
-    samples, test = read_sets(tmp_path / "sample" / "samples.h5"), read_sets(processed / "test.h5")
+    settings = stage_args(results, processed, "model.use_jet_context=true", "sample.n_jets=1000", "sample.steps=2", "sample.masks=test",
+                          "sample.rescale_pt_rel=false")
+    generate(compose_config(*settings), tmp_path / "samples.h5", progress=False)
+    samples, test = read_sets(tmp_path / "samples.h5"), read_sets(processed / "test.h5")
     for label in range(3):
         assert sorted(samples["mask"][samples["labels"] == label].sum(1)) == sorted(test["mask"][test["labels"] == label].sum(1))
     assert np.isfinite(samples["particles"]).all()
@@ -258,5 +256,5 @@ def test_a_model_conditioned_on_jet_features_samples_with_each_test_jets_context
     template = np.concatenate([np.flatnonzero(test["labels"] == label) for label in range(3)])
     template_sum = np.where(test["mask"], test["particles"][..., 2], 0).sum(1)[template]
     assert not np.allclose(samples["particles"][..., 2].sum(1), template_sum, rtol=1e-2)
-    with h5py.File(tmp_path / "sample" / "samples.h5") as file:
+    with h5py.File(tmp_path / "samples.h5") as file:
         assert not file.attrs["rescale_pt_rel"]
