@@ -10,7 +10,7 @@ import pytest
 
 from conftest import XLA_FLAGS, compose_config, run_stage
 from jet_files import processed_dataset
-from pipeline.evaluate import load as load_for_evaluation
+from pipeline.evaluate import evaluate, input_paths, load as load_for_evaluation
 from pipeline.input_pipeline import SetsSplit
 from pipeline.config import PARTICLE_FEATURES
 from pipeline.sample import SAMPLE_JET_FEATURES
@@ -152,14 +152,16 @@ def test_evaluation_scores_every_class_with_the_truth_floor_beside_it(trained):
 
 
 def test_any_two_sets_files_compare_and_a_file_with_itself_scores_near_zero(trained, tmp_path):
+    """The evaluation stage's metrics, computed in-process (the test above runs the command line)."""
     _, processed = trained
     test = processed / "test.h5"
     args = [*EVALUATE, f"evaluate.samples={test}", f"evaluate.reference={test}", f"evaluate.truth={processed / 'val.h5'}",
-            "evaluate.per_class=false", f"hydra.run.dir={tmp_path}"]
-    result = run_stage("evaluate", *stage_args(tmp_path, processed, *args))
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "sample.g.w1m" not in metrics
+            "evaluate.per_class=false"]
+    cfg = compose_config(*stage_args(tmp_path, processed, *args))
+    paths = input_paths(cfg)
+    assert paths == {"samples": test, "reference": test, "truth": processed / "val.h5"}
+    metrics = evaluate(cfg, paths)[0]
+    assert "sample.g.w1m" not in metrics and "sample.all.w1m" in metrics
     # Identical files differ only by the bootstrap draws; the val split is a different sample.
     assert metrics["sample.all.w1p"] < metrics["truth.all.w1p"]
 
