@@ -13,11 +13,10 @@ from jet_files import processed_dataset
 from pipeline.evaluate import evaluate, input_paths, load as load_for_evaluation
 from pipeline.input_pipeline import SetsSplit
 from pipeline.config import PARTICLE_FEATURES
-from pipeline.sample import SAMPLE_JET_FEATURES
+from pipeline.sample import SAMPLE_JET_FEATURES, generate
 from pipeline.sets import read_sets, write_sets
 from pipeline.checkpoints import load_checkpoint, trained_model
 from pipeline.files import PipelineError
-from pipeline.sample import generate
 
 MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
 TRAIN = ["train.steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.val_every=10", "train.checkpoint_every=10",
