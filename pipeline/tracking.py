@@ -23,7 +23,8 @@ the active run.
 The default store is ``sqlite:///<project root>/mlflow.db``: embedded, no server (MLflow 3 refuses
 the old ``./mlruns`` file store by default), with artifacts in ``mlartifacts/`` beside it.
 ``MLFLOW_TRACKING_URI`` points elsewhere, e.g. a team's ``mlflow server``. Browse the default store
-with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the project root.
+with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the
+project root (README: the variable skips MLflow's job runner, which nothing here uses).
 
 Concurrency: Snakemake starts several stages at once. The first process to reach a fresh sqlite
 database creates its schema (dozens of migrations) and the experiment while holding an exclusive

@@ -140,6 +140,7 @@ def mlflow_ui(backend_store_uri: str, cwd=None):
     once it answers, stops it afterwards."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as the README's command sets it
     server = subprocess.Popen(
         ["mlflow", "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1", "--port", str(port)],
         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

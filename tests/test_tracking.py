@@ -296,9 +296,9 @@ def test_experiments_are_tagged_as_model_training(store):
 
 @pytest.mark.slow
 def test_the_readme_mlflow_ui_serves_the_store_and_stages_log_through_it_as_to_a_team_server(tmp_path):
-    """`mlflow ui --backend-store-uri sqlite:///mlflow.db` as the README shows it (on a free port), and
-    a stage pointed at it with MLFLOW_TRACKING_URI=http://...: the run, its metrics and its config
-    artifact arrive in the store behind the server."""
+    """`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db` as the
+    README shows it (on a free port), and a stage pointed at it with MLFLOW_TRACKING_URI=http://...:
+    the run, its metrics and its config artifact arrive in the store behind the server."""
     with mlflow_ui("sqlite:///mlflow.db", cwd=tmp_path) as uri:
         client = MlflowClient(uri)
         result = run_stage("toy", *TINY, f"results_dir={tmp_path / 'results'}", env={"MLFLOW_TRACKING_URI": uri})
