@@ -102,17 +102,48 @@ def compose_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def copy_workflow(folder, *overrides) -> dict:
-    """The workflow in ``folder`` with one experiment, demo with a tiny model and dataset; returns its config."""
+# The workflow tests' dataset. The generator's old pT-hat floor (0.9 x jet_pt_min) needs 7-10x fewer
+# events per jet than the default; what it sculpts in the jet-pT spectrum does not matter to what
+# these tests check.
+TINY_DATA = ["data.generator.jets_per_shard=20", "data.generator.batch_events=40", "data.generator.pt_hat_min_fraction=0.9"]
+
+
+def copy_workflow(folder, *overrides, raw_shards: Path | None = None) -> dict:
+    """The workflow in ``folder`` with one experiment, demo with a tiny model and dataset; returns its
+    config. With ``raw_shards`` (:func:`tiny_pythia_shards`), the dataset's raw files are already
+    there, so the workflow starts at preprocessing (the tests whose point is not generation)."""
     for name in ("Snakefile", "workflow", "environment.yml"):
         source = PROJECT_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
-    # The generator's old pT-hat floor (0.9 x jet_pt_min) needs 7-10x fewer events per jet than the
-    # default; what it sculpts in the jet-pT spectrum does not matter to what these tests check.
-    tiny_data = ["data.generator.jets_per_shard=20", "data.generator.batch_events=40", "data.generator.pt_hat_min_fraction=0.9"]
-    config = {"experiments": {"demo": [*TINY, *tiny_data, *overrides]}}
+    if raw_shards is not None:
+        shutil.copytree(raw_shards, folder / "data" / "raw" / "pythia")
+    config = {"experiments": {"demo": [*TINY, *TINY_DATA, *overrides]}}
     (folder / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_pythia_shards(tmp_path_factory) -> Path:
+    """Shard 0 of every class of the ``pythia`` dataset, as the workflow of :func:`copy_workflow`
+    generates it (same settings, same seed), made once for the whole run: the pytest-xdist workers
+    share one folder, and the first to take its lock writes the files."""
+    import fcntl
+
+    from pipeline.generate import generate_shard, shard_path, write_root
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    run_folder = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    folder = run_folder / "tiny-pythia-shards"
+    with open(run_folder / "tiny-pythia-shards.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.is_dir():
+            config = compose_config("data=pythia", *TINY_DATA)
+            written = Path(tempfile.mkdtemp(dir=run_folder))
+            for class_name in config.data.class_names:
+                jets = generate_shard(class_name, 0, config.seed, config.data.generator, progress=False)["jets"]
+                write_root(shard_path(written, class_name, 0), jets, class_name)
+            written.rename(folder)
+    return folder
 
 
 def snakemake(*args, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:

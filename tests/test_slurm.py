@@ -45,11 +45,12 @@ def slurm_jobs(run_id) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
-    # One shard per class: three generate jobs, not six, to keep the test short. Training runs as
-    # two processes of one job (two SLURM tasks under srun, joined by jax.distributed), as it would on
+def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path, tiny_pythia_shards):
+    # The raw files are there already (one shard per class), so the jobs start at preprocessing:
+    # generation runs like any other stage, and the workflow test runs it. Training runs as two
+    # processes of one job (two SLURM tasks under srun, joined by jax.distributed), as it would on
     # two nodes; one CPU each, so that both fit on this machine's two.
-    config = copy_workflow(tmp_path, "data.generator.n_shards=1")
+    config = copy_workflow(tmp_path, "data.generator.n_shards=1", raw_shards=tiny_pythia_shards)
     config["distributed_training"] = {"demo": {"nodes": 1, "tasks_per_node": 2}}
     (tmp_path / "workflow" / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
@@ -71,7 +72,7 @@ def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
     jobs = slurm_jobs(re.search(r"SLURM run ID: (\S+)", output).group(1))
     assert all(job["state"] == "COMPLETED" for job in jobs), jobs
     rules = Counter(re.match(r"rule_([a-z]+)", job["comment"]).group(1) for job in jobs)
-    assert rules == {"generate": 3, "preprocess": 1, "train": 1, "sample": 1}
+    assert rules == {"preprocess": 1, "train": 1, "sample": 1}
     gpu_rules = {job["comment"] for job in jobs if "gpu" in job["tres_per_job"]}
     assert gpu_rules == {"rule_train_wildcards_demo"}, jobs
     assert "gpu:1" in next(job["tres_per_job"] for job in jobs if job["comment"] == "rule_train_wildcards_demo")
@@ -84,7 +85,7 @@ def test_workflow_runs_on_slurm_with_the_profile(slurm_cluster, tmp_path):
     # The jobs saw the submitting shell's environment: they logged to the test's tracking store, all
     # with the one execution id that the Snakemake process made.
     runs = mlflow.search_runs(experiment_names=["demo"])
-    assert sorted(runs["tags.pipeline.stage"]) == ["generate"] * 3 + ["preprocess", "sample", "train"]
+    assert sorted(runs["tags.pipeline.stage"]) == ["preprocess", "sample", "train"]
     assert runs["tags.pipeline.execution"].nunique() == 1 and runs["tags.pipeline.execution"].iloc[0]
 
 

@@ -209,10 +209,11 @@ def training_process(folder) -> int:
 
 
 @pytest.mark.slow
-def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path):
+def test_a_workflow_killed_during_training_resumes_from_the_checkpoint(tmp_path, tiny_pythia_shards):
     """The training job is killed outright (SIGKILL: a lost node, the OOM killer); the same command
     again continues training from the last checkpoint, in the same MLflow run."""
-    copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=600", "train.checkpoint_every=25", "train.log_every=25", "train.val_every=3000")
+    copy_workflow(tmp_path, "data.generator.n_shards=1", "train.steps=600", "train.checkpoint_every=25", "train.log_every=25",
+                  "train.val_every=3000", raw_shards=tiny_pythia_shards)
     trained = "results/demo/train/checkpoint.json"  # the stages after training have nothing to show here
     process = subprocess.Popen(["snakemake", "--cores", "2", trained], cwd=tmp_path, env=os.environ,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
