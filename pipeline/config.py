@@ -302,6 +302,9 @@ class SampleConfig:
     # log sigma with 0. 7 over 0 on the full-size fidelity benchmark: W1P 1.3-1.5x lower at equal cost
     # (benchmarks/README.md).
     rho: float = 7.0
+    # EDM's stochastic sampler (setdiff.sampling): the noise level raised by this fraction before every
+    # ddim or heun step; 0 samples deterministically
+    churn: float = 0.0
     guidance_scale: float = 0.0
     batch_size: int = 1_024
     masks: MaskSource = MaskSource.train

@@ -104,10 +104,10 @@ def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names
 
 
 @lru_cache
-def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float):
+def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float, churn: float):
     """``setdiff.sample`` mapped over the local devices: ``(params, keys[n], mask[n, b, m], labels[n, b],
     context[n, b, c] | None)``. Cached, so sampling again in one process reuses the compilations."""
-    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale, rho=rho),
+    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale, rho=rho, churn=churn),
                     in_axes=(None, 0, 0, 0, 0))
 
 
@@ -128,6 +128,11 @@ def chosen_template_rows(cfg: DictConfig) -> np.ndarray:
 
 def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     """Sample every class and write ``output_path``; returns the run's figures."""
+    churn = cfg.sample.churn
+    if churn < 0 or (churn and cfg.sample.sampler.value == "ancestral"):
+        raise PipelineError(f"sample.churn={churn} with sample.sampler={cfg.sample.sampler.value}: churn is a fraction >= 0 "
+                            "for the ddim and heun samplers (the ancestral one already adds noise at every step); set "
+                            "sample.churn=0 or sample.sampler=heun.")
     processed = Path(cfg.data.processed_dir)
     template = template_path(cfg)
     for path in (template, processed / "normalisation.json"):
@@ -146,7 +151,8 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
               "one per test jet", flush=True)
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
-    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale, cfg.sample.rho)
+    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale, cfg.sample.rho,
+                                 cfg.sample.churn)
     generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
     key = jax.random.PRNGKey(cfg.seed)
     start = time.perf_counter()
@@ -180,7 +186,8 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     with write_sets(
         output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
         class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
-        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, rho=cfg.sample.rho, guidance_scale=cfg.sample.guidance_scale,
+        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, rho=cfg.sample.rho, churn=cfg.sample.churn,
+        guidance_scale=cfg.sample.guidance_scale,
         masks=template.stem, negative_pt_rel_clipped=n_clipped, rescale_pt_rel=cfg.sample.rescale_pt_rel,
         **{name: figures[name] for name in POSTPROCESSING_FIGURES if name in figures},
     ) as writer:

@@ -40,12 +40,13 @@ N_CLASSES = 3
 N_TEST_SETS = 300
 
 
-def score(model, params, rng, test: dict, sampler: str, steps: int, guidance_scale: float, rho: float) -> tuple[dict, np.ndarray]:
+def score(model, params, rng, test: dict, sampler: str, steps: int, guidance_scale: float, rho: float,
+          churn: float) -> tuple[dict, np.ndarray]:
     """Sample sets with the test sets' sizes and classes; return the metrics and the samples."""
     sample_rng, nelbo_rng = jax.random.split(rng)
     points = np.asarray(
         sample(model, params, sample_rng, test["mask"], test["labels"], steps=steps, sampler=sampler,
-               guidance_scale=guidance_scale, rho=rho)
+               guidance_scale=guidance_scale, rho=rho, churn=churn)
     )
     ring = ring_index(points)[test["mask"]]
     wanted = np.broadcast_to(test["labels"][:, None], test["mask"].shape)[test["mask"]]
@@ -105,7 +106,7 @@ def main(cfg: Config) -> None:
         test = square_ring_sets(np.random.default_rng(cfg.seed + 1), N_TEST_SETS, n_classes=N_CLASSES)
         metrics, points = score(
             model, state.ema_params, jax.random.fold_in(rng, 1), test,
-            cfg.sample.sampler.value, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.rho,
+            cfg.sample.sampler.value, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.rho, cfg.sample.churn,
         )
         metrics["train_sets_per_second"] = cfg.toy.steps * cfg.train.batch_size / train_seconds
         mlflow.log_metrics(metrics)

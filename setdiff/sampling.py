@@ -16,6 +16,10 @@ equal steps of ``log sigma``. With ``rho > 0`` the noise levels ``sigma = sigma_
 EDM's spacing instead (Karras et al. 2022, eq. 5): ``sigma_i^(1/rho)`` equally spaced between the
 schedule's ``sigma(1)`` and ``sigma(0)``: against equal steps of ``log sigma``, shorter ones at high
 noise and longer ones near the data (Karras et al. choose ``rho = 7``).
+With ``churn > 0`` the ``"ddim"`` and ``"heun"`` steps become EDM's stochastic sampler (Karras et al.
+2022, algorithm 2 with ``S_churn / N = churn``, ``S_noise = 1``, every step): each step first adds noise
+that raises the noise level from ``sigma`` to ``(1 + churn) sigma`` (at most ``sigma(1)``), then takes its
+deterministic step from there, so that errors of earlier steps are partly forgotten.
 Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) mixes conditional and unconditional
 predictions as ``(1 + w) eps(z, c) - w eps(z, none)`` with guidance scale ``w``.
 A self-conditioning network (``ScoreNet.self_condition``) is given, at every call, the estimate of
@@ -73,7 +77,7 @@ def time_grid(gamma_0, gamma_1, steps: int, rho: float = 0.0):
 
 
 # The arguments of ``sample`` that shape its program; each distinct value compiles it again.
-STATIC_ARGNAMES = ("model", "steps", "sampler", "guidance_scale", "rho")
+STATIC_ARGNAMES = ("model", "steps", "sampler", "guidance_scale", "rho", "churn")
 
 
 @partial(jax.jit, static_argnames=STATIC_ARGNAMES)
@@ -89,6 +93,7 @@ def sample(
     sampler: str = "ancestral",
     guidance_scale: float = 0.0,
     rho: float = 0.0,
+    churn: float = 0.0,
 ):
     """Draw sets from ``model`` with the given padding ``mask[batch, n]``.
 
@@ -101,12 +106,16 @@ def sample(
       sampler: one of ``SAMPLERS``.
       guidance_scale: classifier-free guidance weight ``w`` (0 = plain conditional sampling).
       rho: 0 for equal steps of ``t``, else EDM's spacing of the noise levels (:func:`time_grid`).
+      churn: 0 for the deterministic ``"ddim"`` and ``"heun"``, else EDM's stochastic sampler with
+        ``S_churn / N = churn`` (the noise level raised by that fraction before every step).
 
     Returns:
       ``[batch, n, d]`` samples in the model's data space.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
+    if churn < 0 or (churn and sampler == "ancestral"):
+        raise ValueError(f"churn={churn}: give 0, or a positive fraction with the ddim or heun sampler")
     mask = mask.astype(bool)
     eps = _noise_predictor(model, params, mask, labels, context, guidance_scale)
     gamma = lambda t: model.apply(params, t, method=VDM.gamma)  # noqa: E731
@@ -138,9 +147,16 @@ def sample(
         noise_scale = lambda t: jnp.exp(0.5 * gamma(t))  # sigma_t / alpha_t  # noqa: E731
         alpha = lambda t: jnp.sqrt(nn.sigmoid(-gamma(t)))  # noqa: E731
 
+        gamma_0, gamma_1 = gamma(0.0), gamma(1.0)
+
         def step(i, state):  # in y = z / alpha, whose clean-data estimate is y - sigma_t / alpha_t eps
             y_t, x_self = state
             t, s = time(i), time(i + 1)
+            if churn:  # up from sigma(t) to (1 + churn) sigma(t), the time of that level on the linear schedule
+                t_raised = jnp.minimum((gamma(t) + 2.0 * jnp.log1p(churn) - gamma_0) / (gamma_1 - gamma_0), 1.0)
+                added = jnp.sqrt(jnp.maximum(noise_scale(t_raised) ** 2 - noise_scale(t) ** 2, 0.0))
+                noise = jax.random.normal(jax.random.fold_in(loop_rng, i), y_t.shape) * mask[..., None]
+                y_t, t = y_t + added * noise, t_raised
             slope_t = eps(y_t * alpha(t), t, x_self)
             y_euler = y_t + (noise_scale(s) - noise_scale(t)) * slope_t
             x_hat = y_t - noise_scale(t) * slope_t

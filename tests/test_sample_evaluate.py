@@ -99,6 +99,15 @@ def test_test_masks_are_copied_one_for_one(trained, tmp_path):
     np.testing.assert_array_equal(samples["particles"][..., :2], unscaled["particles"][..., :2])
 
 
+@pytest.mark.parametrize("settings", [["sample.churn=0.3", "sample.sampler=ancestral"], ["sample.churn=-0.1"]])
+def test_churn_outside_the_deterministic_samplers_is_refused_before_anything_is_written(tmp_path, trained, settings):
+    results, processed = trained
+    cfg = compose_config(*stage_args(results, processed, *settings))
+    with pytest.raises(PipelineError, match=r"^sample\.churn=.* set sample\.churn=0 or sample\.sampler=heun\.$"):
+        generate(cfg, tmp_path / "samples.h5", progress=False)
+    assert not (tmp_path / "samples.h5").exists()
+
+
 def test_sampling_without_a_trained_model_says_what_to_do(tmp_path, trained):
     _, processed = trained
     result = run_stage("sample", *stage_args(tmp_path, processed))

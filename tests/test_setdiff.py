@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from setdiff import VDM, ScoreNet, make_schedule, vdm_loss
-from setdiff.sampling import time_grid
+from setdiff.sampling import sample as setdiff_sample, time_grid
 from setdiff.schedules import SCHEDULES
 from setdiff.training import create_train_state, init_params, make_optimizer, train_step
 
@@ -213,6 +213,26 @@ def test_schedules_are_monotone_with_the_requested_endpoints(name):
         assert bool(jnp.all(jnp.diff(gamma) > 0)), f"{name} is not strictly increasing"
     gamma = schedule.apply(variables, t)
     np.testing.assert_allclose([gamma[0], gamma[-1]], [-13.3, 5.0], rtol=1e-5)
+
+
+def test_churn_moves_the_samples_on_real_elements_only_and_the_ancestral_sampler_refuses_it(batch):
+    """EDM's stochastic sampler: against the deterministic Heun sampler from the same starting noise
+    the samples move, the same key gives the same samples, padded elements stay zero, and the
+    ancestral sampler, already stochastic, refuses churn."""
+    model = small_model()
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    mask = batch["mask"]
+
+    def draw(key, churn=0.0, sampler="heun"):
+        return np.asarray(setdiff_sample(model, params, jax.random.key(key), mask, batch["labels"], steps=4, sampler=sampler,
+                                         churn=churn))
+
+    deterministic, churned = draw(1), draw(1, churn=0.5)
+    np.testing.assert_array_equal(churned, draw(1, churn=0.5))
+    assert not np.allclose(churned, deterministic, atol=1e-3)  # the added noise moved the samples
+    assert np.all(churned[~np.asarray(mask)] == 0.0) and np.isfinite(churned).all()
+    with pytest.raises(ValueError, match=r"churn=0\.5: give 0, or a positive fraction with the ddim or heun sampler"):
+        draw(1, churn=0.5, sampler="ancestral")
 
 
 def test_sampler_time_grids_run_from_noise_to_data_with_the_asked_spacing():

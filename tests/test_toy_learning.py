@@ -45,14 +45,15 @@ def ring_model():
     return train(lambda step: square_ring_sets(data_rng, BATCH), n_classes=3)
 
 
-@pytest.mark.parametrize("sampler, steps, rho", [("ancestral", 200, 0.0), ("ddim", 20, 0.0), ("heun", 10, 0.0), ("heun", 10, 7.0)])
-def test_samples_land_inside_the_square(square_model, sampler, steps, rho):
+@pytest.mark.parametrize("sampler, steps, rho, churn", [("ancestral", 200, 0.0, 0.0), ("ddim", 20, 0.0, 0.0), ("heun", 10, 0.0, 0.0),
+                                                      ("heun", 10, 7.0, 0.0), ("heun", 25, 7.0, 0.3)])
+def test_samples_land_inside_the_square(square_model, sampler, steps, rho, churn):
     model, params = square_model
     mask = square_sets(np.random.default_rng(1), 256)["mask"]
-    points = np.asarray(sample(model, params, jax.random.key(1), mask, steps=steps, sampler=sampler, rho=rho))
+    points = np.asarray(sample(model, params, jax.random.key(1), mask, steps=steps, sampler=sampler, rho=rho, churn=churn))
     assert np.all(points[~mask] == 0.0)
     inside = np.mean(ring_index(points[mask]) >= 0)
-    assert inside >= 0.90, f"{sampler} with {steps} steps (rho {rho}): only {inside:.1%} of points inside the square"
+    assert inside >= 0.90, f"{sampler} with {steps} steps (rho {rho}, churn {churn}): only {inside:.1%} of points inside the square"
 
 
 def own_ring_fraction(model, params, sampler, steps, guidance_scale=0.0):
