@@ -12,10 +12,15 @@ ratio, plus the wall time of each stage.
     python benchmarks/bench_fidelity.py --out /tmp/fidelity --jets-per-shard 12500 --shards 6 \\
         --base experiment=demo sample.n_jets=50000 --variants v_adaln_heun25_12k_b128 \\
         --extra "my_try=model.d_model=128;train.steps=20000"
+    python benchmarks/bench_fidelity.py --out /tmp/fidelity --variants --trained-by my_try \
+        --extra "my_try=model.d_model=128;train.steps=20000" "my_try_heun50=model.d_model=128;train.steps=20000;sample.steps=50"
 
 ``--pt-hat-fraction`` sets Pythia's pT-hat floor as a fraction of the jet pT window's low edge
 (the stage's default is 0.6; 0.9 makes jets ~7-10x faster and thins the window's low edge, which
-changes the data, not the comparison of model and truth on it). Results: benchmarks/README.md.
+changes the data, not the comparison of model and truth on it). With ``--trained-by``, every other
+variant samples from that variant's trained model instead of training its own (its overrides must
+then differ only in ``sample.*`` settings): a comparison of samplers on one training, free of the
+spread between trainings. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -133,7 +139,14 @@ def run_variant(args, out: Path, name: str, overrides: list[str]) -> dict:
     times_path = out / name / "seconds.json"
     if metrics_path.is_file() and times_path.is_file():  # done before: reuse
         return {"metrics": json.loads(metrics_path.read_text()), "seconds": json.loads(times_path.read_text())}
-    seconds = {stage: run_stage(stage, settings, out / name / f"{stage}.log") for stage in ("train", "sample", "evaluate")}
+    stages = ("train", "sample", "evaluate")
+    if args.trained_by not in (None, name):  # sample from that variant's model: its train folder, copied
+        trained = out / args.trained_by / "train"
+        if not (trained / "checkpoint.json").is_file():
+            sys.exit(f"--trained-by {args.trained_by}: {trained} holds no trained model; list that variant first.")
+        shutil.copytree(trained, out / name / "train", dirs_exist_ok=True)
+        stages = ("sample", "evaluate")
+    seconds = {"train": 0.0, **{stage: run_stage(stage, settings, out / name / f"{stage}.log") for stage in stages}}
     times_path.write_text(json.dumps(seconds))
     return {"metrics": json.loads(metrics_path.read_text()), "seconds": seconds}
 
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
                         help=f"of {', '.join(VARIANTS)} (none: only the --extra ones)")
     parser.add_argument("--extra", nargs="*", default=[], help="NAME=override;override... variants beyond the built-in ones")
+    parser.add_argument("--trained-by", help="a variant (run first) whose trained model every other variant samples from")
     args = parser.parse_args()
     out = args.out.resolve()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
