@@ -12,7 +12,7 @@ ratio, plus the wall time of each stage.
     python benchmarks/bench_fidelity.py --out /tmp/fidelity --jets-per-shard 12500 --shards 6 \\
         --base experiment=demo sample.n_jets=50000 --variants v_adaln_heun25_12k_b128 \\
         --extra "my_try=model.d_model=128;train.steps=20000"
-    python benchmarks/bench_fidelity.py --out /tmp/fidelity --variants --trained-by my_try \
+    python benchmarks/bench_fidelity.py --out /tmp/fidelity --variants --trained-by my_try \\
         --extra "my_try=model.d_model=128;train.steps=20000" "my_try_heun50=model.d_model=128;train.steps=20000;sample.steps=50"
 
 ``--pt-hat-fraction`` sets Pythia's pT-hat floor as a fraction of the jet pT window's low edge

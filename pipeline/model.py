@@ -1,4 +1,5 @@
-"""Builds the ``setdiff`` model a config describes: the one place config turns into a network."""
+"""Builds the ``setdiff`` model a config describes: the one place config turns into a network, and
+into the arguments the network is sampled with."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 
 from setdiff import VDM, ScoreNet, make_schedule
 
-from .config import LossWeighting, ModelConfig, Schedule
+from .config import LossWeighting, ModelConfig, SampleConfig, Schedule
 from .files import PipelineError
 
 
@@ -46,3 +47,15 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         loss_weighting=model.loss_weighting.value,
         sigmoid_bias=model.sigmoid_bias,
     )
+
+
+def sampler_settings(sample: SampleConfig) -> dict:
+    """The keyword arguments of ``setdiff.sample`` that the ``sample`` config sets (also the sets
+    file's record of how it was sampled); refuses churn where ``setdiff.sample`` would, in config terms."""
+    settings = {"steps": sample.steps, "sampler": sample.sampler.value, "guidance_scale": sample.guidance_scale,
+                "rho": sample.rho, "churn": sample.churn}
+    if sample.churn < 0 or (sample.churn and settings["sampler"] == "ancestral"):
+        raise PipelineError(f"sample.churn={sample.churn} with sample.sampler={settings['sampler']}: churn is a fraction >= 0 "
+                            "for the ddim and heun samplers (the ancestral one already adds noise at every step); set "
+                            "sample.churn=0 or sample.sampler=heun.")
+    return settings

@@ -4,7 +4,7 @@
 run in ``results/<experiment>/train/`` (the best checkpoint by val NELBO, or the latest with
 ``sample.checkpoint=latest``), with the model settings that run was trained with, and generates
 ``sample.n_jets`` jets of every class with ``setdiff.sample`` (sampler, steps, spacing of the noise
-levels and guidance scale from ``sample``). Each generated jet copies the multiplicity (its mask) and, for a model conditioned
+levels, churn and guidance scale from ``sample``). Each generated jet copies the multiplicity (its mask) and, for a model conditioned
 on jet features, the context of a template jet: drawn at random from the train split's jets of the
 class (``sample.masks=train``: the class's multiplicity distribution), or the test split's jets of
 the class one for one (``sample.masks=test``, as several papers do).
@@ -50,6 +50,7 @@ from tqdm import tqdm
 from setdiff import sample
 
 from .checkpoints import trained_model
+from .model import sampler_settings
 from .config import PARTICLE_FEATURES, Config, MaskSource
 from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .jets import PT_REL_SUM_LIMIT, jet_from_relative_particles
@@ -104,11 +105,11 @@ def to_physical(x: np.ndarray, mask: np.ndarray, split: SetsSplit, feature_names
 
 
 @lru_cache
-def data_parallel_sampler(model, steps: int, sampler: str, guidance_scale: float, rho: float, churn: float):
-    """``setdiff.sample`` mapped over the local devices: ``(params, keys[n], mask[n, b, m], labels[n, b],
-    context[n, b, c] | None)``. Cached, so sampling again in one process reuses the compilations."""
-    return jax.pmap(partial(sample, model, steps=steps, sampler=sampler, guidance_scale=guidance_scale, rho=rho, churn=churn),
-                    in_axes=(None, 0, 0, 0, 0))
+def data_parallel_sampler(model, **settings):
+    """``setdiff.sample`` with ``settings`` (``pipeline.model.sampler_settings``) mapped over the local
+    devices: ``(params, keys[n], mask[n, b, m], labels[n, b], context[n, b, c] | None)``. Cached, so
+    sampling again in one process reuses the compilations."""
+    return jax.pmap(partial(sample, model, **settings), in_axes=(None, 0, 0, 0, 0))
 
 
 def template_path(cfg: DictConfig) -> Path:
@@ -128,11 +129,7 @@ def chosen_template_rows(cfg: DictConfig) -> np.ndarray:
 
 def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     """Sample every class and write ``output_path``; returns the run's figures."""
-    churn = cfg.sample.churn
-    if churn < 0 or (churn and cfg.sample.sampler.value == "ancestral"):
-        raise PipelineError(f"sample.churn={churn} with sample.sampler={cfg.sample.sampler.value}: churn is a fraction >= 0 "
-                            "for the ddim and heun samplers (the ancestral one already adds noise at every step); set "
-                            "sample.churn=0 or sample.sampler=heun.")
+    settings = sampler_settings(cfg.sample)
     processed = Path(cfg.data.processed_dir)
     template = template_path(cfg)
     for path in (template, processed / "normalisation.json"):
@@ -151,8 +148,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
               "one per test jet", flush=True)
     n_devices = jax.local_device_count()
     batch_size = -(-cfg.sample.batch_size // n_devices) * n_devices  # a multiple of the device count
-    draw = data_parallel_sampler(model, cfg.sample.steps, cfg.sample.sampler.value, cfg.sample.guidance_scale, cfg.sample.rho,
-                                 cfg.sample.churn)
+    draw = data_parallel_sampler(model, **settings)
     generated = np.zeros(split.x.shape[1:], np.float32)[None].repeat(len(rows), axis=0)
     key = jax.random.PRNGKey(cfg.seed)
     start = time.perf_counter()
@@ -186,9 +182,7 @@ def generate(cfg: DictConfig, output_path: Path, progress: bool = True) -> dict:
     with write_sets(
         output_path, n_max=split.mask.shape[1], feature_names=split.feature_names, jet_feature_names=SAMPLE_JET_FEATURES,
         class_names=split.class_names, source=f"pipeline.sample of {checkpoint}", config=OmegaConf.to_yaml(cfg, resolve=True),
-        sampler=cfg.sample.sampler.value, steps=cfg.sample.steps, rho=cfg.sample.rho, churn=cfg.sample.churn,
-        guidance_scale=cfg.sample.guidance_scale,
-        masks=template.stem, negative_pt_rel_clipped=n_clipped, rescale_pt_rel=cfg.sample.rescale_pt_rel,
+        **settings, masks=template.stem, negative_pt_rel_clipped=n_clipped, rescale_pt_rel=cfg.sample.rescale_pt_rel,
         **{name: figures[name] for name in POSTPROCESSING_FIGURES if name in figures},
     ) as writer:
         writer.append(particles, mask, jets, split.labels[rows])

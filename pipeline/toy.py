@@ -29,7 +29,7 @@ from setdiff import fit, nelbo, sample
 from setdiff.toy import ring_index, square_ring_sets
 
 from .config import Config
-from .model import build_vdm
+from .model import build_vdm, sampler_settings
 from .files import atomic_output
 from .stage import stage
 
@@ -40,14 +40,11 @@ N_CLASSES = 3
 N_TEST_SETS = 300
 
 
-def score(model, params, rng, test: dict, sampler: str, steps: int, guidance_scale: float, rho: float,
-          churn: float) -> tuple[dict, np.ndarray]:
-    """Sample sets with the test sets' sizes and classes; return the metrics and the samples."""
+def score(model, params, rng, test: dict, settings: dict) -> tuple[dict, np.ndarray]:
+    """Sample sets with the test sets' sizes and classes (``setdiff.sample`` with ``settings``); return
+    the metrics and the samples."""
     sample_rng, nelbo_rng = jax.random.split(rng)
-    points = np.asarray(
-        sample(model, params, sample_rng, test["mask"], test["labels"], steps=steps, sampler=sampler,
-               guidance_scale=guidance_scale, rho=rho, churn=churn)
-    )
+    points = np.asarray(sample(model, params, sample_rng, test["mask"], test["labels"], **settings))
     ring = ring_index(points)[test["mask"]]
     wanted = np.broadcast_to(test["labels"][:, None], test["mask"].shape)[test["mask"]]
     shifted = (test["x"] + 1.5) * test["mask"][..., None]
@@ -84,6 +81,7 @@ def plot_samples(points: np.ndarray, test: dict, metrics: dict, path) -> None:
 def main(cfg: Config) -> None:
     with stage("toy", cfg) as output_dir:
         model = build_vdm(cfg.model, data_dim=2, n_classes=N_CLASSES)
+        settings = sampler_settings(cfg.sample)
         data_rng = np.random.default_rng(cfg.seed)
         rng = jax.random.key(cfg.seed)
 
@@ -104,10 +102,7 @@ def main(cfg: Config) -> None:
         )
         train_seconds = time.perf_counter() - start
         test = square_ring_sets(np.random.default_rng(cfg.seed + 1), N_TEST_SETS, n_classes=N_CLASSES)
-        metrics, points = score(
-            model, state.ema_params, jax.random.fold_in(rng, 1), test,
-            cfg.sample.sampler.value, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.rho, cfg.sample.churn,
-        )
+        metrics, points = score(model, state.ema_params, jax.random.fold_in(rng, 1), test, settings)
         metrics["train_sets_per_second"] = cfg.toy.steps * cfg.train.batch_size / train_seconds
         mlflow.log_metrics(metrics)
         with atomic_output(output_dir / "metrics.json") as file:

@@ -61,6 +61,15 @@ def test_unknown_choice_is_refused_listing_the_choices(tmp_path):
     assert_refused(result, "sample.sampler", "ddim", "heun", results_dir=results)
 
 
+def test_churn_with_the_ancestral_sampler_is_refused_in_one_sentence_before_training(tmp_path):
+    """The toy stage samples with the ``sample`` settings too, so it refuses what the sampling stage does."""
+    result = run_stage("toy", f"results_dir={tmp_path}", *TINY, "sample.sampler=ancestral", "sample.churn=0.3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "toy: error: sample.churn=0.3 with sample.sampler=ancestral: churn is a fraction >= 0 for the ddim and heun samplers")
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
 def test_multirun_sweeps_save_each_resolved_config_and_log_each_run(tmp_path):
     result = run_stage("toy", "--multirun", f"results_dir={tmp_path}", *TINY, "model.schedule=fixed_linear,learned_linear")
     assert result.returncode == 0, result.stderr
