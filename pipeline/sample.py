@@ -50,10 +50,10 @@ from tqdm import tqdm
 from setdiff import sample
 
 from .checkpoints import trained_model
-from .model import sampler_settings
 from .config import PARTICLE_FEATURES, Config, MaskSource
 from .input_pipeline import SetsSplit, batches_by_multiplicity
 from .jets import PT_REL_SUM_LIMIT, jet_from_relative_particles
+from .model import sampler_settings
 from .sets import count_jets, read_sets, write_sets
 from .files import PipelineError
 from .stage import stage
