@@ -15,6 +15,8 @@ config as they were: the config always describes the outputs beside it.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = Non
     MLflow experiment (a point of a workflow sweep, ``results/demo_lr_1``) add the folder's name
     (``train demo_lr_1``), so the runs of a sweep tell apart in the MLflow UI.
     """
+    exit_without_a_final_collection()
     try:  # before any folder, file or run: the names become paths
         check_names(cfg)
     except ValueError as error:
@@ -63,3 +66,17 @@ def stage(name: str, cfg: DictConfig, output_dir: str | os.PathLike | None = Non
     except PipelineError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def exit_without_a_final_collection() -> None:
+    """Spare this process the garbage collection that Python runs over every live object at exit.
+
+    While the interpreter tears its modules down it runs the cyclic collector over everything they
+    hold; after MLflow, JAX, Flax and orbax a tiny training spent ~1.3 s of its exit there on a
+    2-core machine, and ~0.1 s with ``gc.freeze()`` run first, which moves every object out of the
+    collector's reach. Every stage process pays it, for memory the operating system takes back
+    anyway. Nothing a stage writes depends on that collection: files are closed by their ``with``
+    blocks, the MLflow run is ended by :func:`stage`, and MLflow, orbax and ``weakref.finalize``
+    flush in their own exit handlers, which still run.
+    """
+    atexit.register(gc.freeze)

@@ -60,7 +60,7 @@ from .config import CondDrop, Config, ModelConfig, TrainConfig
 from .input_pipeline import SetsSplit, TrainBatches
 from .model import build_vdm
 from .files import PipelineError, atomic_output, write_config
-from .stage import stage
+from .stage import exit_without_a_final_collection, stage
 from .sets import count_jets
 from .tracking import READ, STOP_SIGNALS, WRITTEN, FileDataset, Interrupted, flatten_config, log_files, received_stop_signal
 
@@ -335,6 +335,7 @@ def main(cfg: Config) -> None:
     try:
         changes = settings_changed_on_resume(output_dir / "config.yaml", cfg) if resume else {}
         if jax.process_index() != 0:  # a helper of process 0: trains, neither logs nor writes outputs
+            exit_without_a_final_collection()
             train(cfg, output_dir, primary=False, progress=False)
             return
     except PipelineError as error:
