@@ -72,9 +72,9 @@ def exit_without_a_final_collection() -> None:
     """Spare this process the garbage collection that Python runs over every live object at exit.
 
     While the interpreter tears its modules down it runs the cyclic collector over everything they
-    hold; after MLflow, JAX, Flax and orbax a tiny training spent 1.3-1.6 s of its exit there (a
-    2-core AMD EPYC VM, 2026-12-07), and 0.15-0.18 s with ``gc.freeze()`` run first, which moves
-    every object out of the collector's reach. Every stage process pays it, for memory the operating
+    hold; after MLflow, JAX, Flax and orbax a tiny training spends ~1 s of its ~6.5 s there, and
+    ~0.1 s with ``gc.freeze()`` run first, which moves every object out of the collector's reach
+    (``benchmarks/bench_stage_exit.py``). Every stage process pays it, for memory the operating
     system takes back anyway. Nothing a stage writes depends on that collection: files are closed by
     their ``with`` blocks, checkpoints are saved synchronously, the MLflow run is ended by
     :func:`stage`, and the other exit handlers (MLflow's, ``weakref.finalize``'s) still run.
