@@ -67,8 +67,8 @@ def main() -> None:
         run_training(folder, folder / "warm-up", args.steps, without=False)  # fills the compilation cache
         timings = {"frozen heap (the stage's)": [], "without": []}
         for round_ in range(args.rounds):
-            for way, seconds in timings.items():
-                seconds.append(run_training(folder, folder / f"{round_}-{len(way)}", args.steps, without=way == "without"))
+            for index, (way, seconds) in enumerate(timings.items()):
+                seconds.append(run_training(folder, folder / f"run-{round_}-{index}", args.steps, without=way == "without"))
     print("| exit | runs | process s | after the exit handlers s |")
     print("|---|---|---|---|")
     for way, seconds in timings.items():
