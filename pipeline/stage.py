@@ -78,5 +78,7 @@ def exit_without_a_final_collection() -> None:
     system takes back anyway. Nothing a stage writes depends on that collection: files are closed by
     their ``with`` blocks, checkpoints are saved synchronously, the MLflow run is ended by
     :func:`stage`, and the other exit handlers (MLflow's, ``weakref.finalize``'s) still run.
+    Registered once however often it is called (a Hydra multirun enters :func:`stage` per job).
     """
+    atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
