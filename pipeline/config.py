@@ -100,6 +100,7 @@ class LossWeighting(Enum):
     elbo = "elbo"  # the negative ELBO itself
     sigmoid = "sigmoid"  # sigmoid(b - log SNR), Kingma & Gao 2023
     elbo_plus_sigmoid = "elbo_plus_sigmoid"  # 1 + sigmoid(b - log SNR): the ELBO, noisy times weighing up to twice
+    edm = "edm"  # EDM's loss (Karras et al. 2022) as a weighting of the ELBO, Kingma & Gao 2023
 
 
 class Sampler(Enum):

@@ -39,12 +39,22 @@ Two choices change what the network is trained on without changing the bound tha
   diffusion term plus the sigmoid-weighted one. Noisy times
   weigh up to twice what they weigh in the ELBO, and almost-clean ones keep the ELBO's weight: the
   sigmoid weighting alone leaves the network untrained near the data, where the sampler ends.
+* ``loss_weighting="edm"``: EDM's training loss (Karras et al. 2022, table 1: ``ln sigma`` drawn from
+  ``N(P_mean, P_std^2)`` and the denoiser's error weighted by ``(sigma^2 + sigma_data^2) / (sigma
+  sigma_data)^2``) written as a weighting of the ELBO (Kingma & Gao 2023, appendix D.1):
+  ``w(lambda) = N(lambda; -2 P_mean, (2 P_std)^2) (exp(-lambda) + sigma_data^2) / sigma_data^2``.
+  EDM's ``P_mean = -1.2`` and ``P_std = 1.2`` are for ``sigma_data = 0.5``; the data here are
+  standardised (``sigma_data = 1``), so the same distribution of ``sigma / sigma_data`` has
+  ``P_mean = -1.2 + ln 2``: ``w(lambda) = N(lambda; 2.4 - 2 ln 2, 2.4^2) (exp(-lambda) + 1)``. On
+  the fixed schedule (log-SNR from -5 to 13.3) it is largest at log-SNR -4.7, puts 82% of its weight
+  below log-SNR 0 (the ELBO: 27%) and falls as a Gaussian towards the data (3e-7 of its largest
+  value at log-SNR 13.3).
 
-Either weighting needs the fixed schedule. A learned one would be trained on a loss that is not the
-bound: under ``"sigmoid"`` only the prior and reconstruction terms pull its endpoints, and gamma(1)
-went from 5 to 61 in 40 000 steps; under ``"elbo_plus_sigmoid"`` the added term pulls them through
-``z_t``, and gamma(0) went from -13.3 to -4.0 in 10 000 (the val NELBO from 0.59 to 1.09 bits per
-dimension). ``VDM`` refuses the combination.
+Every weighting but the ELBO's needs the fixed schedule. A learned one would be trained on a loss
+that is not the bound: under ``"sigmoid"`` only the prior and reconstruction terms pull its
+endpoints, and gamma(1) went from 5 to 61 in 40 000 steps; under ``"elbo_plus_sigmoid"`` the added
+term pulls them through ``z_t``, and gamma(0) went from -13.3 to -4.0 in 10 000 (the val NELBO from
+0.59 to 1.09 bits per dimension). ``VDM`` refuses the combination.
 
 With a self-conditioning score network (``ScoreNet.self_condition``; Chen, Zhang & Hinton 2022,
 arXiv:2208.04202) the network also takes an estimate of the clean data: a first call without one
@@ -72,7 +82,9 @@ from .schedules import FixedLinearSchedule
 
 _LOG_2PI = math.log(2.0 * math.pi)
 PARAMETERIZATIONS = ("eps", "v")
-LOSS_WEIGHTINGS = ("elbo", "sigmoid", "elbo_plus_sigmoid")
+LOSS_WEIGHTINGS = ("elbo", "sigmoid", "elbo_plus_sigmoid", "edm")
+# EDM's training distribution of log-SNR for data of unit variance (see the module's notes)
+EDM_LOG_SNR_MEAN, EDM_LOG_SNR_SD = 2.4 - 2.0 * math.log(2.0), 2.4
 
 
 class ELBOTerms(NamedTuple):
@@ -113,8 +125,8 @@ class VDM(nn.Module):
       latent_dim: 0 to diffuse the data itself; otherwise diffuse a ``latent_dim``-wide element-wise
         latent made by a residual MLP encoder, decoded by another.
       parameterization: what the network predicts, ``"eps"`` or ``"v"`` (see the module's notes).
-      loss_weighting: ``"elbo"`` (every log-SNR weighs the same, the bound itself), ``"sigmoid"`` or
-        ``"elbo_plus_sigmoid"``.
+      loss_weighting: ``"elbo"`` (every log-SNR weighs the same, the bound itself), ``"sigmoid"``,
+        ``"elbo_plus_sigmoid"`` or ``"edm"``.
       sigmoid_bias: ``b`` of the sigmoid weightings.
     """
 
@@ -132,6 +144,20 @@ class VDM(nn.Module):
     def diffused_dim(self) -> int:
         """Features per element of the diffused variable: the latent width, or the data's."""
         return self.latent_dim or self.data_dim
+
+    def loss_weight(self, gamma_t):
+        """``w(lambda)``, ``lambda = -gamma_t``, by which the training loss weighs the ELBO's diffusion term
+        at each time (see the module's notes); the weightings other than the ELBO's hold no parameter,
+        since they need the fixed schedule."""
+        log_snr = -gamma_t
+        if self.loss_weighting == "elbo":
+            return jnp.ones_like(log_snr)
+        if self.loss_weighting == "edm":
+            standardised = (log_snr - EDM_LOG_SNR_MEAN) / EDM_LOG_SNR_SD
+            density = jnp.exp(-0.5 * jnp.square(standardised)) / (EDM_LOG_SNR_SD * math.sqrt(2.0 * math.pi))
+            return density * (jnp.exp(-log_snr) + 1.0)
+        sigmoid = nn.sigmoid(self.sigmoid_bias - log_snr)
+        return 1.0 + sigmoid if self.loss_weighting == "elbo_plus_sigmoid" else sigmoid
 
     def setup(self):
         if self.parameterization not in PARAMETERIZATIONS:
@@ -241,12 +267,7 @@ class VDM(nn.Module):
         eps_hat = self.eps_hat(z_t, t, mask, labels, context, cond_keep, x_self)
         squared_error = _masked_sum(jnp.square(eps - eps_hat), mask)
         diffusion = weight * squared_error
-        if self.loss_weighting == "elbo":
-            weighted_diffusion = diffusion
-        else:  # on the fixed schedule (setup), so the weights hold no parameter
-            weighted_diffusion = weight * nn.sigmoid(self.sigmoid_bias + gamma_t) * squared_error
-            if self.loss_weighting == "elbo_plus_sigmoid":
-                weighted_diffusion = diffusion + weighted_diffusion
+        weighted_diffusion = diffusion * self.loss_weight(gamma_t)
 
         gamma_1 = self.gamma(jnp.ones(()))
         kl_per_dim = 0.5 * (

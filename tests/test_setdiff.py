@@ -408,7 +408,33 @@ def test_sigmoid_weighting_moves_the_loss_to_noisy_times_and_still_reports_the_e
     assert float(jnp.sum(terms("sigmoid", 0.02).weighted_diffusion)) < 1e-4 * float(jnp.sum(terms("elbo", 0.02).diffusion))
 
 
-@pytest.mark.parametrize("weighting", ["sigmoid", "elbo_plus_sigmoid"])
+def test_edm_weighting_is_edms_loss_written_as_a_weighting_of_the_elbo(batch):
+    """EDM's loss (Karras et al. 2022, table 1) with sigma_data = 1: log sigma ~ N(-1.2 + ln 2, 1.2^2),
+    and the denoiser's squared error weighted by (sigma^2 + 1) / sigma^2, which is the squared error of
+    eps times sigma^2 + 1. Over log-SNR lambda = -2 log sigma that is the ELBO's diffusion term (which
+    weighs every lambda alike) times the density of lambda times (exp(-lambda) + 1), computed here
+    from EDM's own variables; the reported diffusion term is the ELBO's."""
+    net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, conditioning="additive", n_classes=3)
+    def terms(weighting, t):
+        model = VDM(net, make_schedule("fixed_linear"), data_dim=DIM, parameterization="v", loss_weighting=weighting)
+        params = perturbed(init_params(model, jax.random.key(0), batch))
+        return model.apply(params, batch["x"], batch["mask"], batch["labels"], t=jnp.full((4,), t),
+                           rngs={"diffusion": jax.random.key(3)})
+
+    p_mean, p_std = -1.2 + np.log(2.0), 1.2
+    for t in (0.02, 0.3, 0.5, 0.98):
+        elbo, edm = terms("elbo", t), terms("edm", t)
+        np.testing.assert_allclose(edm.diffusion, elbo.diffusion, rtol=1e-6)
+        sigma = np.exp(0.5 * (-13.3 + 18.3 * t))  # the fixed schedule's gamma(t) = -log SNR = 2 log sigma
+        log_sigma_density = np.exp(-0.5 * ((np.log(sigma) - p_mean) / p_std) ** 2) / (p_std * np.sqrt(2 * np.pi))
+        log_snr_density = log_sigma_density / 2.0  # d log sigma / d lambda = -1/2
+        np.testing.assert_allclose(edm.weighted_diffusion, elbo.diffusion * log_snr_density * (sigma**2 + 1.0), rtol=1e-4)
+    noisy, clean = float(jnp.sum(terms("edm", 0.98).weighted_diffusion)), float(jnp.sum(terms("edm", 0.02).weighted_diffusion))
+    assert noisy > 0.5 * float(jnp.sum(terms("elbo", 0.98).diffusion))
+    assert clean < 1e-5 * float(jnp.sum(terms("elbo", 0.02).diffusion))
+
+
+@pytest.mark.parametrize("weighting", ["sigmoid", "elbo_plus_sigmoid", "edm"])
 def test_a_weighted_loss_refuses_a_learned_schedule(batch, weighting):
     """A weighted loss is not the bound: a learned schedule trained on it drifts, so it is refused."""
     net = ScoreNet(d_model=16, n_layers=1, n_heads=2, mlp_ratio=4, conditioning="additive", n_classes=3)
