@@ -76,6 +76,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.scipy.stats import norm
 
 from .networks import ElementwiseResidualMLP, ScoreNet
 from .schedules import FixedLinearSchedule
@@ -153,8 +154,7 @@ class VDM(nn.Module):
         if self.loss_weighting == "elbo":
             return jnp.ones_like(log_snr)
         if self.loss_weighting == "edm":
-            standardised = (log_snr - EDM_LOG_SNR_MEAN) / EDM_LOG_SNR_SD
-            density = jnp.exp(-0.5 * jnp.square(standardised)) / (EDM_LOG_SNR_SD * math.sqrt(2.0 * math.pi))
+            density = norm.pdf(log_snr, EDM_LOG_SNR_MEAN, EDM_LOG_SNR_SD)
             return density * (jnp.exp(-log_snr) + 1.0)
         sigmoid = nn.sigmoid(self.sigmoid_bias - log_snr)
         return 1.0 + sigmoid if self.loss_weighting == "elbo_plus_sigmoid" else sigmoid
