@@ -46,7 +46,9 @@ def write_split(path: Path, n_jets: int, n_max: int, rng: np.random.Generator) -
             count = min(WRITE_JETS, n_jets - start)
             multiplicity = rng.integers(5, n_max + 1, count)
             mask = np.arange(n_max) < multiplicity[:, None]
-            particles = (rng.normal(size=(count, n_max, 3)) * mask[..., None]).astype(np.float32)
+            particles = rng.normal(size=(count, n_max, 3))
+            particles[..., 2] = np.exp(particles[..., 2])  # pt_rel > 0, its logarithm of unit statistics
+            particles = (particles * mask[..., None]).astype(np.float32)
             writer.append(particles, mask, rng.normal(size=(count, 1)).astype(np.float32), rng.integers(0, 2, count).astype(np.int32))
 
 

@@ -240,7 +240,9 @@ class ModelConfig:
     # The ELBO is logged and validated either way; the weighted ones need schedule=fixed_linear (benchmarks/README.md)
     loss_weighting: LossWeighting = LossWeighting.elbo
     sigmoid_bias: float = 0.0  # b of the sigmoid weightings
-    log_pt_rel: bool = False  # model log(pt_rel) instead of pt_rel (both standardised), so pt_rel > 0
+    # Model log(pt_rel) instead of pt_rel (both standardised): every generated pt_rel is positive, where
+    # pt_rel itself has its tails cut at 0 (benchmarks/README.md)
+    log_pt_rel: bool = True
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
     # True: the jet features enter the conditioning MLP's hidden layer beside time and size (nonlinear
     # in them; better at full size, worse for the demo's 6 000 steps, see benchmarks/README.md);

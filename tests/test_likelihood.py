@@ -29,7 +29,9 @@ TRAIN_MULTIPLICITIES = [3] * 20 + [4] * 12 + [6] * 8
 # Scored jets: seen multiplicities, an unseen one (5) and the largest allowed (N_MAX).
 SCORED_MULTIPLICITIES = [3, 4, 6, 5, N_MAX] * 8
 NARROW_SPREAD, WIDE_SPREAD = 0.05, 0.4  # standard deviation of eta_rel and phi_rel
-MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.use_jet_context=false"]
+# The hand-written likelihoods below are those of pt_rel itself (with log_pt_rel the Jacobian adds
+# sum ln pt_rel, tested in test_train.py).
+MODEL = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.use_jet_context=false", "model.log_pt_rel=false"]
 # Steps are cheap (compiling dominates the fixture's ~30 s of CPU); 300 at a high learning rate
 # separate the classes with a wide margin (AUC ~0.99).
 TRAIN = ["train.steps=300", "train.batch_size=8", "train.warmup_steps=5", "train.learning_rate=1e-2", "train.val_every=300",
