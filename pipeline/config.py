@@ -241,7 +241,8 @@ class ModelConfig:
     loss_weighting: LossWeighting = LossWeighting.elbo
     sigmoid_bias: float = 0.0  # b of the sigmoid weightings
     # Model log(pt_rel) instead of pt_rel (both standardised): every generated pt_rel is positive, where
-    # pt_rel itself has its tails cut at 0 (benchmarks/README.md)
+    # pt_rel itself has its tails cut at 0; fidelity benchmark, two seeds: top W1M and gluon FPD and W1EFP
+    # lower, top FPD higher (benchmarks/README.md)
     log_pt_rel: bool = True
     use_jet_context: bool = False  # also condition on (pt, eta, mass, n_particles)
     # True: the jet features enter the conditioning MLP's hidden layer beside time and size (nonlinear
