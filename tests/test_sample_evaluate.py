@@ -241,8 +241,8 @@ def test_a_model_is_not_loaded_with_other_settings_of_how_its_data_is_read(train
     is built: a run asking for other choices than the training's is refused, naming the right one."""
     results, processed = trained
     cfg = compose_config(*stage_args(results, processed, setting))
-    key, asked = setting.split("=")
-    asked = asked == "true"
+    key, value = setting.split("=")
+    asked = value == "true"
     with pytest.raises(PipelineError, match=rf"trained with {key}={not asked}, not {asked}; run with {key}={not asked}"):
         trained_model(cfg, data_dim=3, n_classes=3)
     assert trained_model(compose_config(*stage_args(results, processed)), data_dim=3, n_classes=3)[1]
