@@ -249,6 +249,9 @@ class ModelConfig:
     # in them; better at full size, worse for the demo's 6 000 steps, see benchmarks/README.md);
     # False: one linear map of them is added to the conditioning vector
     context_mlp: bool = False
+    # True: the class enters the conditioning MLP's hidden layer too, so that the conditioning's dependence
+    # on time, size and jet features can differ by class; False: its embedding is added after the MLP
+    class_mlp: bool = False
     # True: also give the network each jet's sum of pt_rel over its kept particles (how much of the jet's
     # pT the particles past n_max took away), taken from the template jet when sampling; needs
     # model.use_jet_context and the normalisation.json of a recent preprocess

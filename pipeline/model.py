@@ -31,6 +31,7 @@ def build_vdm(model: ModelConfig, data_dim: int, n_classes: int) -> VDM:
         n_inducing=model.n_inducing,
         pair_bias_width=model.pair_bias_width,
         context_mlp=model.context_mlp,
+        class_mlp=model.class_mlp,
         cond_drop=model.cond_drop.value,
         conditioning=model.conditioning.value,
         self_condition=model.self_condition,

@@ -220,6 +220,9 @@ class ScoreNet(nn.Module):
       context_mlp: False adds a linear map of the context to the conditioning vector; True feeds
         the context into the hidden layer of the MLP that embeds time and size, so that the
         conditioning is a nonlinear function of the context, the time and the size together.
+      class_mlp: False adds the class embedding to the conditioning vector after that MLP; True
+        feeds it into the MLP's hidden layer too, so that how the conditioning depends on the
+        time, size and context can differ from class to class.
       conditioning: how the blocks take the conditioning vector, ``"additive"`` or ``"adaln"``
         (see ``SetAttentionBlock``).
       self_condition: also take an estimate of the clean elements, ``x_self[batch, n, d]``, beside
@@ -237,6 +240,7 @@ class ScoreNet(nn.Module):
     n_inducing: int = 0
     pair_bias_width: int = 0
     context_mlp: bool = False
+    class_mlp: bool = False
     cond_drop: str = "class_and_context"
     self_condition: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -275,12 +279,18 @@ class ScoreNet(nn.Module):
         cond = cond + nn.Dense(4 * self.d_model, name="size_embedding")(sinusoidal_embedding(n_elements, self.d_model))
         if context is not None and self.context_mlp:
             cond = cond + cond_keep[:, None] * nn.Dense(4 * self.d_model, name="context_embedding")(context)
-        cond = nn.Dense(self.d_model)(nn.swish(cond))
+        class_embedding = 0.0
         if labels is not None:
             if not self.n_classes:
                 raise ValueError("labels were given but the score network was built with n_classes=0")
             label_or_null = labels if self.cond_drop == "context" else jnp.where(cond_keep, labels, self.n_classes)
-            cond = cond + nn.Embed(self.n_classes + 1, self.d_model, name="class_embedding")(label_or_null)
+            width = 4 * self.d_model if self.class_mlp else self.d_model
+            class_embedding = nn.Embed(self.n_classes + 1, width, name="class_embedding")(label_or_null)
+        if self.class_mlp:
+            cond = cond + class_embedding
+        cond = nn.Dense(self.d_model)(nn.swish(cond))
+        if not self.class_mlp:
+            cond = cond + class_embedding
         if context is not None and not self.context_mlp:
             cond = cond + cond_keep[:, None] * nn.Dense(self.d_model, name="context_embedding")(context)
         cond = nn.swish(cond).astype(self.dtype)

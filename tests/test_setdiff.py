@@ -16,10 +16,10 @@ N_MAX, DIM = 7, 3
 
 
 def small_model(schedule="learned_linear", n_inducing=0, timesteps=0, latent_dim=0, n_classes=3, conditioning="additive",
-                pair_bias_width=0, context_mlp=False, cond_drop="class_and_context", self_condition=False):
+                pair_bias_width=0, context_mlp=False, class_mlp=False, cond_drop="class_and_context", self_condition=False):
     net = ScoreNet(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, n_classes=n_classes, n_inducing=n_inducing,
                    conditioning=conditioning, pair_bias_width=pair_bias_width, context_mlp=context_mlp,
-                   cond_drop=cond_drop, self_condition=self_condition)
+                   class_mlp=class_mlp, cond_drop=cond_drop, self_condition=self_condition)
     return VDM(net, make_schedule(schedule), data_dim=DIM, parameterization="eps", timesteps=timesteps, latent_dim=latent_dim)
 
 
@@ -65,6 +65,7 @@ NETWORKS = [
     pytest.param({"conditioning": "adaln"}, id="adaln"),
     pytest.param({"conditioning": "adaln", "pair_bias_width": 8}, id="adaln-pair-bias"),
     pytest.param({"conditioning": "adaln", "context_mlp": True}, id="adaln-context-mlp"),
+    pytest.param({"conditioning": "adaln", "context_mlp": True, "class_mlp": True}, id="adaln-context-and-class-mlp"),
     pytest.param({"conditioning": "adaln", "self_condition": True, "schedule": "fixed_linear"}, id="adaln-self-conditioning"),
 ]
 
@@ -83,27 +84,55 @@ def conditioned_output(batch, **network):
     return output, (batch["labels"] + 1) % 3, batch["context"] + 1.5
 
 
-@pytest.mark.parametrize("context_mlp", [False, True])
-def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch, context_mlp):
+MLP_OPTIONS = [
+    pytest.param({"context_mlp": False}, id="linear-context"),
+    pytest.param({"context_mlp": True}, id="context-mlp"),
+    pytest.param({"context_mlp": True, "class_mlp": True}, id="context-and-class-mlp"),
+]
+
+
+@pytest.mark.parametrize("mlp_options", MLP_OPTIONS)
+def test_dropping_the_conditioning_removes_class_and_context_and_only_them(batch, mlp_options):
     """Classifier-free guidance needs an unconditional model: with ``cond_keep`` False the output is
     the same whatever the class and the context, and with it True both change the output."""
-    output, other_labels, other_context = conditioned_output(batch, context_mlp=context_mlp)
+    output, other_labels, other_context = conditioned_output(batch, **mlp_options)
     np.testing.assert_allclose(output(other_labels, other_context, False), output(batch["labels"], batch["context"], False), atol=1e-6)
     kept = output(batch["labels"], batch["context"], True)
     for labels, context in ((other_labels, batch["context"]), (batch["labels"], other_context)):
         assert float(jnp.abs(output(labels, context, True) - kept).max()) > 1e-3
 
 
-@pytest.mark.parametrize("context_mlp", [False, True])
-def test_dropping_only_the_context_keeps_the_class(batch, context_mlp):
+@pytest.mark.parametrize("mlp_options", MLP_OPTIONS)
+def test_dropping_only_the_context_keeps_the_class(batch, mlp_options):
     """With ``cond_drop="context"`` guidance contrasts a jet with and without its features, within its
     class: with ``cond_keep`` False the output no longer depends on the context and still depends on the class."""
-    output, other_labels, other_context = conditioned_output(batch, context_mlp=context_mlp, cond_drop="context")
+    output, other_labels, other_context = conditioned_output(batch, **mlp_options, cond_drop="context")
     dropped = output(batch["labels"], batch["context"], False)
     np.testing.assert_allclose(output(batch["labels"], other_context, False), dropped, atol=1e-6)
     assert float(jnp.abs(output(other_labels, batch["context"], False) - dropped).max()) > 1e-3
     kept = output(batch["labels"], batch["context"], True)
     assert float(jnp.abs(output(batch["labels"], other_context, True) - kept).max()) > 1e-3
+
+
+@pytest.mark.parametrize("class_mlp", [False, True])
+def test_the_class_enters_the_conditioning_mlp_only_with_class_mlp(batch, class_mlp):
+    """``class_mlp`` lets the conditioning depend on time, size and context differently per class: the
+    output of the MLP that embeds them (before the class embedding is added, without the option)
+    changes with the class only when the option is on."""
+    model = small_model(conditioning="adaln", context_mlp=True, class_mlp=class_mlp)
+    params = perturbed(init_params(model, jax.random.key(0), batch))
+    z = model.apply(params, batch["x"], method=VDM.encode)
+    t = jnp.linspace(0.1, 0.9, 4)
+
+    def mlp_output(labels):
+        _, state = model.apply(params, z, t, batch["mask"], labels, batch["context"], method=VDM.eps_hat,
+                               capture_intermediates=lambda module, _: module.name == "Dense_1"
+                               and isinstance(module.parent, ScoreNet))
+        (output,) = state["intermediates"]["score_net"]["Dense_1"]["__call__"]
+        return output
+
+    change = float(jnp.abs(mlp_output((batch["labels"] + 1) % 3) - mlp_output(batch["labels"])).max())
+    assert change > 1e-3 if class_mlp else change == 0.0
 
 
 def test_an_unknown_cond_drop_is_refused(batch):
