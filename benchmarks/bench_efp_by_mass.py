@@ -12,7 +12,9 @@ the train split (the splits the samples file's configuration names) and prints:
   one W1 of the whole draw each, not the metrics file's bootstrap;
 * each EFP's mean over the generated jets over its mean over the test jets, in bins of the jet's
   relative mass m/pT (``pipeline.metrics.relative_jet_mass``): a ratio away from 1 where the mass
-  distribution itself is right says the model gives jets of that mass the wrong substructure.
+  distribution itself is right says the model gives jets of that mass the wrong substructure;
+* in the same bins, the jets' hardest particle (its mean pt_rel) and how far the two hardest lie
+  from each other (their mean ΔR), real | generated: the core of the jet that the EFPs weigh most.
 
 Prints tables; figures go in benchmarks/README.md.
 """
@@ -29,16 +31,26 @@ from omegaconf import OmegaConf
 from scipy.stats import wasserstein_distance
 
 from pipeline import metrics
+from pipeline.jets import delta_r
 from pipeline.sets import read_sets
 
 
-def drawn_jets(path: Path, label: int, n_jets: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(EFPs ``[n_jets, 5]``, m/pT ``[n_jets]``) of ``n_jets`` jets of class ``label`` drawn without replacement."""
+def drawn_jets(path: Path, label: int, n_jets: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n_jets`` jets of class ``label`` drawn without replacement: their EFPs ``[n_jets, 5]``, m/pT,
+    and the pt_rel of their hardest particle and the ΔR between their two hardest (``[n_jets]`` each)."""
     labels = read_sets(path, datasets=("labels",))["labels"]
     rows = np.sort(rng.choice(np.flatnonzero(labels == label), n_jets, replace=False))
     jets = read_sets(path, datasets=("particles", "mask"), rows=rows)
-    efps = metrics.energy_flow_polynomials(jets["particles"], jets["mask"])[:, metrics.w1efp_columns()]
-    return efps, metrics.relative_jet_mass(jets["particles"], jets["mask"])
+    particles, mask = jets["particles"], jets["mask"]
+    columns = [jets["feature_names"].index(name) for name in ("eta_rel", "phi_rel", "pt_rel")]
+    hardest_two = np.argsort(np.where(mask, -particles[..., columns[2]], np.inf), axis=1)[:, :2]
+    (eta, phi, pt_rel) = np.take_along_axis(particles[..., columns], hardest_two[..., None], axis=1).transpose(2, 0, 1)
+    return {
+        "efps": metrics.energy_flow_polynomials(particles, mask)[:, metrics.w1efp_columns()],
+        "mass": metrics.relative_jet_mass(particles, mask),
+        "hardest_pt_rel": pt_rel[:, 0],
+        "hardest_two_delta_r": delta_r(eta[:, 0], phi[:, 0], eta[:, 1], phi[:, 1]),
+    }
 
 
 def main() -> None:
@@ -63,27 +75,31 @@ def main() -> None:
     for i, graph in enumerate(graphs):
         print(f"- EFP {i}: edges {[tuple(map(int, edge)) for edge in graph]}")
     for label, name in enumerate(class_names):
-        generated, generated_mass = drawn_jets(args.samples, label, args.jets, rng)
-        test, test_mass = drawn_jets(processed / "test.h5", label, args.jets, rng)
-        train, _ = drawn_jets(processed / "train.h5", label, args.jets, rng)
+        generated = drawn_jets(args.samples, label, args.jets, rng)
+        test = drawn_jets(processed / "test.h5", label, args.jets, rng)
+        train = drawn_jets(processed / "train.h5", label, args.jets, rng)
         print(f"\nclass {name}: W1 ×10⁵, generated | train, against test")
         print("| EFP | generated | truth | ratio |")
         print("|---|---|---|---|")
         for i in range(len(columns)):
-            model_w1 = wasserstein_distance(generated[:, i], test[:, i])
-            truth_w1 = wasserstein_distance(train[:, i], test[:, i])
+            model_w1 = wasserstein_distance(generated["efps"][:, i], test["efps"][:, i])
+            truth_w1 = wasserstein_distance(train["efps"][:, i], test["efps"][:, i])
             print(f"| {i} | {1e5 * model_w1:.3g} | {1e5 * truth_w1:.3g} | {model_w1 / truth_w1:.2f} |")
-        print(f"\nclass {name}: mean EFP of generated jets / of test jets, by m/pT")
-        print("| m/pT | test jets | generated jets | " + " | ".join(f"EFP {i}" for i in range(len(columns))) + " |")
-        print("|---|---|---|" + "---|" * len(columns))
+        print(f"\nclass {name}: by m/pT, mean EFP of generated jets / of test jets; hardest particle's pt_rel and "
+              "ΔR of the two hardest, test | generated")
+        print("| m/pT | test jets | generated jets | " + " | ".join(f"EFP {i}" for i in range(len(columns)))
+              + " | hardest pt_rel | ΔR of the two hardest |")
+        print("|---|---|---|" + "---|" * (len(columns) + 2))
         for low, high in zip(edges[:-1], edges[1:]):
-            in_test = (test_mass >= low) & (test_mass < high)
-            in_generated = (generated_mass >= low) & (generated_mass < high)
+            in_test = (test["mass"] >= low) & (test["mass"] < high)
+            in_generated = (generated["mass"] >= low) & (generated["mass"] < high)
             if in_test.sum() < 50 or in_generated.sum() < 50:
                 continue
-            ratios = generated[in_generated].mean(axis=0) / test[in_test].mean(axis=0)
+            ratios = generated["efps"][in_generated].mean(axis=0) / test["efps"][in_test].mean(axis=0)
+            core = [f"{test[key][in_test].mean():.3f} \\| {generated[key][in_generated].mean():.3f}"
+                    for key in ("hardest_pt_rel", "hardest_two_delta_r")]
             print(f"| {low:.2f}-{high:.2f} | {in_test.sum()} | {in_generated.sum()} | "
-                  + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+                  + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " | " + " | ".join(core) + " |")
 
 
 if __name__ == "__main__":
