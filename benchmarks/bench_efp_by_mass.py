@@ -38,13 +38,16 @@ from pipeline.sets import read_sets
 def drawn_jets(path: Path, label: int, n_jets: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """``n_jets`` jets of class ``label`` drawn without replacement: their EFPs ``[n_jets, 5]``, m/pT,
     and the pt_rel of their hardest particle and the ΔR between their two hardest (``[n_jets]`` each)."""
-    labels = read_sets(path, datasets=("labels",))["labels"]
-    rows = np.sort(rng.choice(np.flatnonzero(labels == label), n_jets, replace=False))
+    of_class = np.flatnonzero(read_sets(path, datasets=("labels",))["labels"] == label)
+    if len(of_class) < n_jets:
+        raise SystemExit(f"{path} holds {len(of_class)} jets of class {label}, fewer than --jets {n_jets}; "
+                         "lower --jets or sample more jets.")
+    rows = np.sort(rng.choice(of_class, n_jets, replace=False))
     jets = read_sets(path, datasets=("particles", "mask"), rows=rows)
     particles, mask = jets["particles"], jets["mask"]
     columns = [jets["feature_names"].index(name) for name in ("eta_rel", "phi_rel", "pt_rel")]
     hardest_two = np.argsort(np.where(mask, -particles[..., columns[2]], np.inf), axis=1)[:, :2]
-    (eta, phi, pt_rel) = np.take_along_axis(particles[..., columns], hardest_two[..., None], axis=1).transpose(2, 0, 1)
+    eta, phi, pt_rel = np.take_along_axis(particles[..., columns], hardest_two[..., None], axis=1).transpose(2, 0, 1)
     return {
         "efps": metrics.energy_flow_polynomials(particles, mask)[:, metrics.w1efp_columns()],
         "mass": metrics.relative_jet_mass(particles, mask),
